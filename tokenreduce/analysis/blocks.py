@@ -1,0 +1,118 @@
+"""Find pre-norm residual blocks around each attention, and the prefix tokens of each stage."""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch.fx as fx
+
+from ..errors import TokenReduceError
+from .graph import data_args, is_add, is_cat, node_path, shape_of
+from .model_map import Attention, Block
+
+__all__ = ["find_blocks"]
+
+
+def _residual_add(g: nx.DiGraph, order: dict, src: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The first add downstream of ``src`` of the form ``entry + f(src)``, with ``entry`` upstream
+    of ``src`` (the skip connection). Returns (add, entry)."""
+    below = nx.descendants(g, src)
+    above = nx.ancestors(g, src)
+    for node in sorted((n for n in below if is_add(n)), key=order.__getitem__):
+        a, b = node.args[0], node.args[1]
+        for skip, branch in ((a, b), (b, a)):
+            if skip in above and (branch in below or branch is src):
+                return node, skip
+    return None
+
+
+def _mlp_residual(g: nx.DiGraph, order: dict, x1: fx.Node) -> fx.Node | None:
+    """The add ``x1 + g(x1)`` that closes the block's second residual branch."""
+    below = nx.descendants(g, x1)
+    for node in sorted((u for u in x1.users if is_add(u)), key=order.__getitem__):
+        other = node.args[1] if node.args[0] is x1 else node.args[0]
+        if other in below:
+            return node
+    return None
+
+
+def _prefix_count(entry: fx.Node, image: set[fx.Node]) -> int:
+    """Prefix tokens leading the stream at ``entry``: walk back over token-preserving ops to the
+    ``cat`` that built the sequence and count its leading operands that do not depend on the
+    image (class token, distillation token, registers). No such cat: 0."""
+    n_tokens = shape_of(entry)[1]
+    node = entry
+    while True:
+        if is_cat(node):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if dim in (1, -2):
+                count = 0
+                for part in node.args[0]:
+                    if part in image:
+                        break
+                    count += shape_of(part)[1]
+                return count
+        same = [a for a in data_args(node) if a in image and (shape_of(a) or (0, 0))[1:2] == (n_tokens,)
+                and len(shape_of(a)) == 3]
+        if len(same) != 1:
+            return 0
+        node = same[0]
+
+
+def find_blocks(gm: fx.GraphModule, attentions: list[Attention]) -> tuple[list[Block], list[str]]:
+    """Group the graph into blocks, one per attention, in execution order.
+
+    Returns the blocks and notes on attention that could not be placed in a block.
+    """
+    graph = gm.graph
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for a in data_args(node):
+            g.add_edge(a, node)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    image = nx.descendants(g, placeholders[0]) | {placeholders[0]}
+
+    notes: list[str] = []
+    raw = []
+    for att in attentions:
+        found = _residual_add(g, order, att.node)
+        where = node_path(att.node) or att.node.name
+        if found is None:
+            notes.append(f"attention at '{where}' ({att.node.format_node()}) has no residual add: skipped")
+            continue
+        x1, entry = found
+        exit_ = _mlp_residual(g, order, x1)
+        if exit_ is None:
+            notes.append(f"attention at '{where}' has no second residual (MLP) branch: skipped")
+            continue
+        shape = shape_of(entry)
+        if shape is None or len(shape) != 3:
+            notes.append(f"block at '{where}' carries a {shape}-shaped stream, not (B, N, C): skipped")
+            continue
+        path = node_path(x1) or where.rsplit(".", 1)[0]
+        raw.append((att, x1, entry, exit_, path))
+
+    blocks: list[Block] = []
+    stage, prefix = -1, 0
+    for i, (att, x1, entry, exit_, path) in enumerate(raw):
+        if i == 0 or raw[i - 1][3] is not entry:
+            stage += 1
+            prefix = _prefix_count(entry, image)
+        shape = shape_of(entry)
+        blocks.append(
+            Block(
+                index=i, path=path, stage=stage, entry=entry, attn=att, attn_residual=x1,
+                exit=exit_, num_prefix=prefix, num_tokens=shape[1], dim=shape[2],
+            )
+        )
+    if not blocks:
+        raise TokenReduceError(
+            f"analyze: no transformer block found in {type(gm).__name__}: found "
+            f"{len(attentions)} attention op(s) but none inside a pre-norm residual block "
+            f"`x = x + attn(norm(x)); x = x + mlp(norm(x))`. "
+            + ("Notes: " + "; ".join(notes) if notes else
+               "No scaled_dot_product_attention call or softmax(q @ k^T) pattern was traced; if "
+               "attention is inside a registered leaf module, unregister it.")
+        )
+    return blocks, notes

@@ -1,0 +1,7 @@
+"""Rewrite passes: each a ``GraphModule -> GraphModule`` function that lints and recompiles."""
+
+from .aux_output import add_aux_output
+from .insert_sites import insert_sites
+from .route_policy import route_policy
+
+__all__ = ["insert_sites", "route_policy", "add_aux_output"]

@@ -1,0 +1,66 @@
+"""Pass: insert one :class:`ReductionSite` call per site of the plan."""
+
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+from torch import nn
+
+from ..analysis import ModelMap
+from ..plan import Plan
+from .infra import graph_pass, tag
+
+__all__ = ["insert_sites"]
+
+
+@graph_pass
+def insert_sites(gm: fx.GraphModule, model_map: ModelMap, plan: Plan, modules: list[nn.Module]) -> fx.GraphModule:
+    """Insert the reduction of every site; mutates and returns ``gm``.
+
+    Expects: ``gm`` is the graph ``model_map`` was computed from; ``modules[i]`` serves
+    ``plan.sites[i]``. Guarantees: after site i the stream carries ``P + sites[i].n_out`` tokens
+    for the example input (P prefix tokens, untouched); every later user of the stream reads the
+    reduced tensor; sites of one stage are chained through a ``TokenState``. Nodes are tagged in
+    ``node.meta["tokenreduce"]``: the site call (``site``), its state (``state_of``), and each
+    block's attention query (``block``, ``role="query"``) and residual adds
+    (``role="attn_residual"`` / ``"exit"``).
+
+    Generated code, eTPS at block 3 (placement after attention)::
+
+        add_7 = add_6 + blocks_3_drop_path1                     # x = x + attn(norm1(x))
+        reduce_sites_0 = self.reduce_sites[0](add_7, None, q=blocks_3_attn_q_norm,
+                                              k=blocks_3_attn_k_norm, scale=None)
+        getitem_80 = reduce_sites_0[0]                           # (B, P + k, C)
+        getitem_81 = reduce_sites_0[1]                           # TokenState
+        layer_norm_7 = layer_norm(getitem_80, ...)               # the MLP runs on P + k tokens
+        add_8 = getitem_80 + blocks_3_drop_path2
+
+    dTPS (placement before) anchors on the block's entry instead, so the whole block runs reduced.
+    """
+    graph = gm.graph
+    gm.add_submodule("reduce_sites", nn.ModuleList(modules))
+    for block in model_map.blocks:
+        tag(block.attn.q, block=block.index, role="query")
+        tag(block.attn_residual, block=block.index, role="attn_residual")
+        tag(block.exit, block=block.index, role="exit")
+
+    last_state: dict[int, fx.Node] = {}
+    for site in plan.sites:
+        block = model_map.block(site.block)
+        anchor = block.entry if site.placement == "before" else block.attn_residual
+        kwargs = {}
+        if site.placement == "after_attn":
+            att = block.attn
+            kwargs = {"q": att.q, "k": att.k, "scale": att.scale} if att.kind == "sdpa" else {"probs": att.node}
+        with graph.inserting_after(anchor):
+            call = graph.call_module(f"reduce_sites.{site.index}", (anchor, last_state.get(site.stage)), kwargs)
+        with graph.inserting_after(call):
+            x_new = graph.call_function(operator.getitem, (call, 0))
+        with graph.inserting_after(x_new):
+            state = graph.call_function(operator.getitem, (call, 1))
+        anchor.replace_all_uses_with(x_new, delete_user_cb=lambda user: user is not call)
+        tag(call, site=site.index, block=site.block)
+        tag(state, state_of=site.index, stage=site.stage)
+        last_state[site.stage] = state
+    return gm
