@@ -1,0 +1,111 @@
+"""Token selection (ops/select.py) and the baseline reducers (ops/reduce.py)."""
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from tokenreduce.ops import drop, fuse_one, gather_tokens, topk_split
+
+
+@st.composite
+def scores_and_k(draw):
+    """(scores (B, n) float, k in 1..n); scores from a small integer set, so ties are common."""
+    B = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 12))
+    values = draw(st.lists(st.integers(-3, 3), min_size=B * n, max_size=B * n))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    scores = torch.tensor(values, dtype=dtype).reshape(B, n)
+    return scores, draw(st.integers(1, n))
+
+
+@settings(max_examples=100)
+@given(scores_and_k())
+def test_topk_split_partitions_in_raster_order(case):
+    scores, k = case
+    kept, pruned = topk_split(scores, k)
+    B, n = scores.shape
+    assert kept.dtype == pruned.dtype == torch.int64
+    assert kept.shape == (B, k) and pruned.shape == (B, n - k)
+    both = torch.cat([kept, pruned], dim=1)
+    assert torch.equal(both.sort(dim=1).values, torch.arange(n).expand(B, n))  # a partition
+    assert (kept.diff(dim=1) > 0).all() and (pruned.diff(dim=1) > 0).all()  # ascending
+    if 0 < k < n:
+        # Every kept score beats or ties every pruned one; ties go to the lower index.
+        ks, ps = scores.gather(1, kept), scores.gather(1, pruned)
+        assert (ks.amin(1) >= ps.amax(1)).all()
+        for b in range(B):
+            cut = ks[b].min()
+            tied_kept = kept[b][ks[b] == cut]
+            tied_pruned = pruned[b][ps[b] == cut]
+            if len(tied_pruned):
+                assert tied_kept.max() < tied_pruned.min()
+
+
+def _keep_half(scores):
+    return topk_split(scores, (scores.shape[1] + 1) // 2)
+
+
+def test_topk_split_compiles_with_dynamic_k():
+    torch._dynamo.reset()
+    compiled = torch.compile(_keep_half, fullgraph=True, dynamic=True, backend="eager")
+    for n in (5, 8):
+        scores = torch.randn(2, n)
+        for got, expected in zip(compiled(scores), _keep_half(scores)):
+            assert torch.equal(got, expected)
+
+
+def test_topk_split_keep_all_is_identity():
+    scores = torch.randn(2, 7)
+    kept, pruned = topk_split(scores, 7)
+    assert torch.equal(kept, torch.arange(7).expand(2, 7)) and pruned.shape == (2, 0)
+
+
+def test_topk_split_example():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.9, 0.2]])
+    kept, pruned = topk_split(scores, 2)
+    assert kept.tolist() == [[1, 3]] and pruned.tolist() == [[0, 2, 4]]
+
+
+@settings(max_examples=50)
+@given(st.integers(1, 3), st.integers(1, 8), st.integers(0, 10), st.integers(1, 5), st.data())
+def test_gather_tokens_picks_rows(B, n, m, C, data):
+    x = torch.randn(B, n, C)
+    flat = data.draw(st.lists(st.integers(0, n - 1), min_size=B * m, max_size=B * m))
+    idx = torch.tensor(flat, dtype=torch.int64).reshape(B, m)
+    out = gather_tokens(x, idx)
+    assert out.shape == (B, m, C)
+    for b in range(B):
+        assert torch.equal(out[b], x[b, idx[b]])
+
+
+@settings(max_examples=50)
+@given(st.integers(1, 3), st.integers(0, 8), st.integers(1, 5))
+def test_fuse_one_is_weighted_sum(B, Np, C):
+    pruned = torch.randn(B, Np, C, dtype=torch.float64)
+    weights = torch.rand(B, Np, dtype=torch.float64)
+    out = fuse_one(pruned, weights)
+    assert out.shape == (B, 1, C)
+    expected = torch.zeros(B, C, dtype=torch.float64)
+    for b in range(B):
+        for i in range(Np):
+            expected[b] += weights[b, i] * pruned[b, i]
+    torch.testing.assert_close(out[:, 0], expected)
+
+
+def test_fuse_one_casts_weights_to_token_dtype():
+    pruned = torch.randn(2, 5, 4, dtype=torch.bfloat16)
+    out = fuse_one(pruned, torch.rand(2, 5))  # float32 weights, as cls_attention returns
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 4)
+
+
+def test_fuse_one_gradcheck():
+    pruned = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fuse_one, (pruned, weights))
+
+
+@pytest.mark.parametrize("Np", [0, 3])
+def test_drop_returns_reserved(Np):
+    reserved = torch.randn(2, 4, 3)
+    assert drop(reserved, torch.randn(2, Np, 3)) is reserved

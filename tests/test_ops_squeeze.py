@@ -1,0 +1,437 @@
+"""Properties of the split-form squeeze (tps-reference.md, Sec. 1) against the float64 oracle.
+
+Host choice is an argmax, so two implementations can legitimately disagree only where two
+similarities are closer than their rounding. Tests that compare host choices first check that
+every host is *decided*: each competitor within ``TIE_TOL`` of the winner is either a
+bit-identical copy of the winning reserved row (an exact tie, which both sides break to the
+lowest index) or the pruned token is the zero vector (cosine exactly 0 with everything, host 0).
+"""
+
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import assume, event, given, settings
+from oracle import oracle_cosine, oracle_host, oracle_squeeze, top2_gap
+
+from tokenreduce.ops import squeeze, squeeze_assign, squeeze_masked, squeeze_op, squeeze_reference
+from tokenreduce.ops.squeeze import cosine
+
+FLOATS = (torch.float32, torch.float64)
+TIE_TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@st.composite
+def token_pairs(
+    draw,
+    dtypes=FLOATS,
+    reserved_kinds=("fresh", "fresh", "fresh", "dup", "scaled", "zero"),
+    pruned_kinds=("fresh", "fresh", "dup", "scaled", "zero"),
+    max_nr=6,
+    max_np=9,
+):
+    """(reserved (B, Nr, C), pruned (B, Np, C)): Gaussian tokens from a drawn seed and scale,
+    where a token may instead copy an earlier one exactly ("dup"), copy one times a positive
+    factor ("scaled"), or be the zero vector. Np ranges over 0..max_np, so Np > Nr occurs."""
+    B = draw(st.integers(1, 3))
+    Nr = draw(st.integers(1, max_nr))
+    Np = draw(st.integers(0, max_np))
+    C = draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from(dtypes))
+    scale = draw(st.sampled_from([1e-2, 1.0, 30.0]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    x = torch.randn(B, Nr + Np, C, generator=g, dtype=torch.float64) * scale
+    for t in range(Nr + Np):
+        kind = draw(st.sampled_from(reserved_kinds if t < Nr else pruned_kinds))
+        if kind == "zero":
+            x[:, t] = 0.0
+        elif kind in ("dup", "scaled") and t > 0:
+            src = draw(st.integers(0, t - 1))
+            factor = draw(st.sampled_from([0.5, 3.0])) if kind == "scaled" else 1.0
+            x[:, t] = x[:, src] * factor
+    x = x.to(dtype)
+    return x[:, :Nr].contiguous(), x[:, Nr:].contiguous()
+
+
+def decided_tokens(reserved, pruned, tol):
+    """(B, Np) bool: the float64 host of the pruned token is unambiguous at tolerance ``tol``."""
+    cos = oracle_cosine(reserved, pruned)  # (B, Np, Nr)
+    host = oracle_host(reserved, pruned)  # (B, Np)
+    best = cos.gather(-1, host.unsqueeze(-1))  # (B, Np, 1)
+    near = best - cos <= tol
+    host_rows = reserved.gather(1, host.unsqueeze(-1).expand(-1, -1, reserved.shape[2]))
+    identical = (reserved.unsqueeze(1) == host_rows.unsqueeze(2)).all(-1)  # (B, Np, Nr)
+    zero = (pruned == 0).all(-1)  # (B, Np)
+    return (~near | identical).all(-1) | zero
+
+
+def decided(reserved, pruned, tol):
+    """True when every pruned token's host is unambiguous (see the module docstring)."""
+    return bool(decided_tokens(reserved, pruned, tol).all())
+
+
+def clearly_decided(reserved, pruned, tol):
+    """Stricter: a unique winner by more than ``tol`` (needed where the index itself matters)."""
+    return bool((top2_gap(oracle_cosine(reserved, pruned)) > tol).all())
+
+
+def close(actual, expected, *inputs):
+    """The dtype's relative tolerance; absolute tolerance scaled to the inputs' magnitude (the
+    outputs are convex combinations of them, so that is the scale of rounding errors)."""
+    rtol = RTOL[actual.dtype]
+    scale = max((float(t.abs().max()) for t in inputs if t.numel()), default=0.0)
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=rtol, atol=rtol * scale)
+
+
+def test_torch_argmax_returns_first_maximum():
+    # The lowest-index tie rule rests on this documented torch behaviour.
+    x = torch.tensor([[0.0, 3.0, 3.0, 1.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    assert x.argmax(dim=-1).tolist() == [1, 0]
+
+
+@settings(max_examples=100)
+@given(token_pairs())
+def test_matches_oracle(pair):
+    reserved, pruned = pair
+    out = squeeze(reserved, pruned)
+    assert out.dtype == reserved.dtype and out.shape == reserved.shape
+    assert torch.isfinite(out).all()
+    assume(decided(reserved, pruned, TIE_TOL[reserved.dtype]))
+    assert torch.equal(squeeze_assign(reserved, pruned).host, oracle_host(reserved, pruned))
+    close(out, oracle_squeeze(reserved, pruned), reserved, pruned)
+
+
+@settings(max_examples=60)
+@given(token_pairs(dtypes=FLOATS + (torch.bfloat16, torch.float16)))
+def test_finite_and_dtype_preserving(pair):
+    reserved, pruned = pair
+    out = squeeze(reserved, pruned)
+    assert out.dtype == reserved.dtype and out.shape == reserved.shape
+    assert torch.isfinite(out).all()
+
+
+@settings(max_examples=40)
+@given(token_pairs(dtypes=(torch.bfloat16, torch.float16)))
+def test_half_types_compute_in_float32(pair):
+    reserved, pruned = pair
+    expected = squeeze_reference(reserved.float(), pruned.float()).to(reserved.dtype)
+    assert torch.equal(squeeze(reserved, pruned), expected)
+
+
+@settings(max_examples=30)
+@given(token_pairs())
+def test_no_pruned_tokens_is_identity(pair):
+    reserved, _ = pair
+    empty = reserved[:, :0]
+    assert squeeze(reserved, empty) is reserved
+    # The op and the reference agree bit for bit too (the op must return a fresh tensor).
+    direct = torch.ops.tokenreduce.squeeze(reserved, empty)
+    assert torch.equal(direct, reserved) and direct.data_ptr() != reserved.data_ptr()
+    assert torch.equal(squeeze_reference(reserved, empty), reserved)
+
+
+@settings(max_examples=80)
+@given(token_pairs(dtypes=FLOATS + (torch.bfloat16,)))
+def test_rows_hosting_nothing_are_bit_exact(pair):
+    reserved, pruned = pair
+    out = squeeze(reserved, pruned)
+    host = squeeze_assign(reserved, pruned).host
+    hosted = torch.zeros(reserved.shape[:2], dtype=torch.bool).scatter(1, host, True)  # (B, Nr)
+    assert torch.equal(out[~hosted], reserved[~hosted])
+
+
+@settings(max_examples=80)
+@given(token_pairs())
+def test_hosts_are_lowest_index_maxima(pair):
+    reserved, pruned = pair
+    host = squeeze_assign(reserved, pruned).host
+    cos = cosine(pruned, reserved)  # the similarities the op itself computed, (B, Np, Nr)
+    best = cos.amax(dim=-1, keepdim=True)
+    first = (cos == best).int().argmax(dim=-1)  # index of the first maximum
+    assert torch.equal(host, first)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_duplicate_reserved_tokens_tie_to_lowest_index(dtype):
+    a = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=dtype)
+    b = torch.tensor([-1.0, 0.0, 2.0, 1.0], dtype=dtype)
+    reserved = torch.stack([b, a, b, a]).unsqueeze(0)  # (1, 4, 4)
+    pruned = torch.stack([a, b, 2 * a, torch.zeros(4, dtype=dtype)]).unsqueeze(0)  # (1, 4, 4)
+    assert squeeze_assign(reserved, pruned).host.tolist() == [[1, 0, 1, 0]]
+
+
+@settings(max_examples=80)
+@given(token_pairs())
+def test_outputs_are_convex_combinations(pair):
+    reserved, pruned = pair
+    out = squeeze(reserved, pruned)
+    host = squeeze_assign(reserved, pruned).host
+    for b in range(reserved.shape[0]):
+        for j in range(reserved.shape[1]):
+            group = torch.cat([reserved[b, j : j + 1], pruned[b][host[b] == j]])  # (1 + m, C)
+            slack = 1e-5 * float(group.abs().max()) if reserved.dtype == torch.float32 else 1e-12
+            assert (out[b, j] >= group.amin(0) - slack).all()
+            assert (out[b, j] <= group.amax(0) + slack).all()
+
+
+@settings(max_examples=80)
+@given(token_pairs())
+def test_weights_positive_and_sum_to_one(pair):
+    reserved, pruned = pair
+    a = squeeze_assign(reserved, pruned)
+    assert a.host.dtype == torch.int64 and a.host.shape == pruned.shape[:2]
+    assert (a.weight > 0).all() and (a.self_weight > 0).all()
+    total = a.self_weight.scatter_add(1, a.host, a.weight)  # (B, Nr)
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=RTOL[reserved.dtype])
+    # The weights reproduce the op: y_j = self_j xr_j + sum_{host(i)=j} w_i xp_i.
+    rebuilt = (a.self_weight.unsqueeze(-1) * reserved).scatter_add(
+        1, a.host.unsqueeze(-1).expand_as(pruned), a.weight.unsqueeze(-1) * pruned
+    )
+    close(squeeze(reserved, pruned), rebuilt, reserved, pruned)
+
+
+@settings(max_examples=60)
+@given(token_pairs(), st.randoms(use_true_random=False))
+def test_permuting_pruned_changes_nothing(pair, rnd):
+    reserved, pruned = pair
+    assume(decided(reserved, pruned, TIE_TOL[reserved.dtype]))
+    perm = list(range(pruned.shape[1]))
+    rnd.shuffle(perm)
+    out = squeeze(reserved, pruned[:, perm])
+    close(out, squeeze(reserved, pruned), reserved, pruned)
+
+
+@settings(max_examples=60)
+@given(
+    token_pairs(reserved_kinds=("fresh",), pruned_kinds=("fresh", "dup", "scaled")),
+    st.randoms(use_true_random=False),
+)
+def test_permuting_reserved_permutes_output(pair, rnd):
+    reserved, pruned = pair
+    assume(clearly_decided(reserved, pruned, TIE_TOL[reserved.dtype]))
+    perm = list(range(reserved.shape[1]))
+    rnd.shuffle(perm)
+    out = squeeze(reserved[:, perm], pruned)
+    close(out, squeeze(reserved, pruned)[:, perm], reserved, pruned)
+
+
+@settings(max_examples=60)
+@given(token_pairs(), st.data())
+def test_positive_scaling_keeps_the_host(pair, data):
+    reserved, pruned = pair
+    assume(pruned.shape[1] > 0)
+    i = data.draw(st.integers(0, pruned.shape[1] - 1))
+    assume(bool(decided_tokens(reserved, pruned, TIE_TOL[reserved.dtype])[:, i].all()))
+    factor = data.draw(st.sampled_from([1e-2, 0.5, 7.0, 100.0]))
+    scaled = pruned.clone()
+    scaled[:, i] *= factor
+    before = squeeze_assign(reserved, pruned).host[:, i]
+    assert torch.equal(squeeze_assign(reserved, scaled).host[:, i], before)
+
+
+def separated_pair(seed, B=2, Nr=3, Np=4, C=3, dtype=torch.float64):
+    """Pruned tokens close to a chosen host and far from the others: no near ties."""
+    g = torch.Generator().manual_seed(seed)
+    reserved = torch.randn(B, Nr, C, generator=g, dtype=dtype)
+    host = torch.randint(0, Nr, (B, Np), generator=g)
+    near = reserved.gather(1, host.unsqueeze(-1).expand(-1, -1, C))
+    pruned = near * (1 + torch.rand(B, Np, 1, generator=g, dtype=dtype)) + 0.2 * torch.randn(
+        B, Np, C, generator=g, dtype=dtype
+    )
+    return reserved, pruned
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gradcheck_through_custom_op(seed):
+    reserved, pruned = separated_pair(seed)
+    assert clearly_decided(reserved, pruned, 1e-3)
+    reserved.requires_grad_()
+    pruned.requires_grad_()
+    assert torch.autograd.gradcheck(squeeze, (reserved, pruned))
+    assert torch.autograd.gradcheck(lambda r: squeeze(r, pruned.detach()), (reserved,))
+    assert torch.autograd.gradcheck(lambda p: squeeze(reserved.detach(), p), (pruned,))
+
+
+def test_backward_matches_autograd_of_reference():
+    reserved, pruned = separated_pair(7, dtype=torch.float32)
+    grad = torch.randn_like(reserved)
+    r1, p1 = reserved.clone().requires_grad_(), pruned.clone().requires_grad_()
+    r2, p2 = reserved.clone().requires_grad_(), pruned.clone().requires_grad_()
+    squeeze(r1, p1).backward(grad)
+    squeeze_reference(r2, p2).backward(grad)
+    torch.testing.assert_close(r1.grad, r2.grad)
+    torch.testing.assert_close(p1.grad, p2.grad)
+
+
+# opcheck costs ~2 s a case (it traces with AOTAutograd), so the cases cover each dtype, each
+# requires_grad pattern and the Np > Nr, Np < Nr and Nr = C = 1 shapes without the full product.
+@pytest.mark.parametrize(
+    "dtype, grads, shape",
+    [
+        pytest.param(torch.float32, (True, True), (2, 4, 6, 5), id="fp32-grad-both-Np>Nr"),
+        pytest.param(torch.float64, (True, True), (3, 5, 2, 4), id="fp64-grad-both-Np<Nr"),
+        pytest.param(torch.float32, (False, False), (1, 1, 3, 1), id="fp32-no-grad-Nr=C=1"),
+        pytest.param(torch.float64, (True, False), (2, 4, 6, 5), id="fp64-grad-reserved"),
+        pytest.param(torch.float64, (False, True), (1, 1, 3, 1), id="fp64-grad-pruned"),
+    ],
+)
+def test_opcheck(dtype, grads, shape):
+    B, Nr, Np, C = shape
+    reserved = torch.randn(B, Nr, C, dtype=dtype).requires_grad_(grads[0])
+    pruned = torch.randn(B, Np, C, dtype=dtype).requires_grad_(grads[1])
+    torch.library.opcheck(squeeze_op, (reserved, pruned))
+
+
+def _loss(reserved, pruned):
+    return squeeze(reserved, pruned).square().sum()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiles_without_graph_breaks(backend):
+    torch._dynamo.reset()
+    reserved, pruned = separated_pair(3, dtype=torch.float32)
+    r1, p1 = reserved.clone().requires_grad_(), pruned.clone().requires_grad_()
+    r2, p2 = reserved.clone().requires_grad_(), pruned.clone().requires_grad_()
+    compiled = torch.compile(_loss, fullgraph=True, backend=backend)
+    compiled(r1, p1).backward()
+    _loss(r2, p2).backward()
+    torch.testing.assert_close(r1.grad, r2.grad)
+    torch.testing.assert_close(p1.grad, p2.grad)
+    # The identity case is a Python branch on a static shape: it compiles too.
+    empty = pruned[:, :0]
+    identity = torch.compile(squeeze, fullgraph=True, backend=backend)
+    assert torch.equal(identity(reserved, empty), reserved)
+
+
+def test_compiles_with_dynamic_shapes():
+    torch._dynamo.reset()
+    compiled = torch.compile(squeeze, fullgraph=True, dynamic=True, backend="aot_eager")
+    for Nr, Np in [(3, 5), (4, 7), (6, 2)]:
+        reserved, pruned = separated_pair(Nr + Np, Nr=Nr, Np=Np, dtype=torch.float32)
+        assert torch.equal(compiled(reserved, pruned), squeeze(reserved, pruned))
+
+
+@pytest.mark.slow
+def test_compiles_with_inductor():
+    # A cold inductor cache costs ~40 s of C++ compilation on a small CPU, hence `slow`.
+    torch._dynamo.reset()
+    reserved, pruned = separated_pair(5, dtype=torch.float32)
+    r1, p1 = reserved.clone().requires_grad_(), pruned.clone().requires_grad_()
+    r2, p2 = reserved.clone().requires_grad_(), pruned.clone().requires_grad_()
+    torch.compile(_loss, fullgraph=True)(r1, p1).backward()
+    _loss(r2, p2).backward()
+    torch.testing.assert_close(r1.grad, r2.grad)
+    torch.testing.assert_close(p1.grad, p2.grad)
+
+
+def test_self_weight_is_euler():
+    # One pruned token equal to its host: c = 1 (up to the 1e-6 norm rule), weights 1/2, 1/2.
+    reserved = torch.tensor([[[3.0, 4.0]]], dtype=torch.float64)
+    a = squeeze_assign(reserved, reserved.clone())
+    assert math.isclose(float(a.weight), 0.5, rel_tol=1e-6)
+    assert math.isclose(float(a.self_weight), 0.5, rel_tol=1e-6)
+
+
+# --- training form -------------------------------------------------------------------------
+
+
+@st.composite
+def masked_inputs(draw, dtypes=FLOATS):
+    """(x (B, n, C), keep (B, n, 1), pruned_now (B, n, 1)): tokens as in ``token_pairs``, each
+    token of each image independently kept, pruned now, or dropped earlier (both masks 0)."""
+    reserved, pruned = draw(token_pairs(dtypes=dtypes, max_nr=5, max_np=5))
+    x = torch.cat([reserved, pruned], dim=1)  # (B, n, C)
+    B, n, _ = x.shape
+    states = torch.tensor(
+        draw(st.lists(st.lists(st.integers(0, 2), min_size=n, max_size=n), min_size=B, max_size=B))
+    ).unsqueeze(-1)  # (B, n, 1): 0 kept, 1 pruned now, 2 dropped earlier
+    return x, (states == 0).to(x.dtype), (states == 1).to(x.dtype)
+
+
+@settings(max_examples=80)
+@given(masked_inputs())
+def test_training_form_equals_split_form(inputs):
+    x, keep, pruned_now = inputs
+    out = squeeze_masked(x, keep, pruned_now)
+    assert out.shape == x.shape and out.dtype == x.dtype and torch.isfinite(out).all()
+    for b in range(x.shape[0]):
+        kept = keep[b, :, 0].bool()
+        # Every row that is not kept comes back bit for bit, pruned-now rows included.
+        assert torch.equal(out[b, ~kept], x[b, ~kept])
+        if not kept.any():
+            continue
+        reserved = x[b : b + 1, kept]  # (1, Nr, C), raster order
+        pruned = x[b : b + 1, pruned_now[b, :, 0].bool()]  # (1, Np, C)
+        if not decided(reserved, pruned, TIE_TOL[x.dtype]):
+            event("image skipped: near-tie host")  # the forms may break it differently
+            continue
+        event("image compared with the split form")
+        expected = squeeze(reserved, pruned)
+        close(out[b : b + 1, kept], expected, reserved, pruned)
+        hosted = torch.zeros(reserved.shape[1], dtype=torch.bool)
+        hosted[squeeze_assign(reserved, pruned).host[0]] = True
+        assert torch.equal(out[b, kept][~hosted], reserved[0, ~hosted])
+
+
+@settings(max_examples=30)
+@given(masked_inputs())
+def test_training_form_identity_cases(inputs):
+    x, keep, _ = inputs
+    nothing = torch.zeros_like(keep)
+    assert torch.equal(squeeze_masked(x, keep, nothing), x)  # nothing pruned now
+    assert torch.equal(squeeze_masked(x, nothing, 1 - keep), x)  # no host anywhere
+
+
+@settings(max_examples=30)
+@given(masked_inputs(dtypes=(torch.bfloat16, torch.float16)))
+def test_training_form_half_types_compute_in_float32(inputs):
+    x, keep, pruned_now = inputs
+    expected = squeeze_masked(x.float(), keep.float(), pruned_now.float()).to(x.dtype)
+    assert torch.equal(squeeze_masked(x, keep, pruned_now), expected)
+
+
+def masked_from_pair(reserved, pruned):
+    """x = [reserved, pruned, one dropped token]; keep marks reserved, pruned_now the pruned."""
+    B, Nr, C = reserved.shape
+    Np = pruned.shape[1]
+    x = torch.cat([reserved, pruned, reserved[:, :1] * -2.0], dim=1)  # (B, Nr + Np + 1, C)
+    keep = torch.zeros(B, Nr + Np + 1, 1, dtype=x.dtype)
+    keep[:, :Nr] = 1.0
+    pruned_now = torch.zeros_like(keep)
+    pruned_now[:, Nr : Nr + Np] = 1.0
+    return x, keep, pruned_now
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_training_form_gradcheck(seed):
+    x, keep, pruned_now = masked_from_pair(*separated_pair(seed))
+    inputs = tuple(t.requires_grad_() for t in (x, keep, pruned_now))
+    assert torch.autograd.gradcheck(squeeze_masked, inputs)
+
+
+def test_training_form_straight_through_gradients():
+    reserved, pruned = separated_pair(11)
+    x, keep, pruned_now = (t.requires_grad_() for t in masked_from_pair(reserved, pruned))
+    squeeze_masked(x, keep, pruned_now).square().sum().backward()
+    Nr, Np = reserved.shape[1], pruned.shape[1]
+    hosted = torch.zeros(reserved.shape[:2], dtype=torch.bool)
+    hosted.scatter_(1, squeeze_assign(reserved, pruned).host, True)
+    # Every pruned-now token and every kept token that receives one gets a gradient signal.
+    assert (pruned_now.grad[:, Nr : Nr + Np].abs() > 0).all()
+    assert (keep.grad[:, :Nr][hosted].abs() > 0).all()
+    assert (keep.grad[:, :Nr][~hosted] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_training_form_compiles_without_graph_breaks(backend):
+    torch._dynamo.reset()
+    inputs = masked_from_pair(*separated_pair(2, dtype=torch.float32))
+    eager = [t.clone().requires_grad_() for t in inputs]
+    comp = [t.clone().requires_grad_() for t in inputs]
+    fn = torch.compile(squeeze_masked, fullgraph=True, backend=backend)
+    fn(*comp).square().sum().backward()
+    squeeze_masked(*eager).square().sum().backward()
+    for a, b in zip(comp, eager):
+        torch.testing.assert_close(a.grad, b.grad)

@@ -1,0 +1,225 @@
+"""TPS token squeezing (tps-reference.md, Sec. 1): pruned tokens are fused into their hosts.
+
+Split form (inference, eTPS in training)::
+
+    squeeze(reserved (B, Nr, C), pruned (B, Np, C)) -> (B, Nr, C)
+
+Each pruned token ``i`` picks the reserved token ``h(i)`` of highest cosine similarity (ties go
+to the lowest index) and every reserved token ``j`` becomes the convex combination::
+
+    y_j = (e * xr_j + sum_{i: h(i)=j} exp(c_ij) * xp_i) / (e + sum_{i: h(i)=j} exp(c_ij))
+
+A reserved token that hosts nothing is returned bit for bit; ``Np == 0`` returns ``reserved``.
+
+``squeeze`` dispatches to the custom operator ``torch.ops.tokenreduce.squeeze`` (``squeeze_op``)
+so that ``torch.compile`` sees one opaque node with a fake implementation and an autograd
+formula. ``squeeze_reference`` is its default (CPU and any device) kernel. A fused GPU kernel is
+added from its own module without touching this one::
+
+    from tokenreduce.ops.squeeze import squeeze_op
+
+    @squeeze_op.register_kernel("cuda")
+    def _squeeze_cuda(reserved, pruned): ...
+
+The backward stays the reference's, so a forward kernel must match it numerically.
+
+Training form (dTPS, fixed length, straight-through masks)::
+
+    squeeze_masked(x (B, n, C), keep (B, n, 1), pruned_now (B, n, 1)) -> (B, n, C)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._validate import check_float, check_shape, check_tensor, check_token_pair
+
+__all__ = [
+    "SqueezeAssignment",
+    "squeeze",
+    "squeeze_assign",
+    "squeeze_masked",
+    "squeeze_op",
+    "squeeze_reference",
+]
+
+# The host joins its own group with self-similarity 1, i.e. weight exp(1) (the authors' math.e).
+SELF_WEIGHT = math.e
+# Added to the norm, not clamped, so a zero token normalises to zero (cosine 0 with everything).
+NORM_EPS = 1e-6
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32/fp64 compute in place; half types upcast so exp and the weighted sums stay accurate."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """(B, Na, C), (B, Nb, C) -> (B, Na, Nb) cosine similarity with the ``+ 1e-6`` norm rule."""
+    a = a / (a.norm(dim=-1, keepdim=True) + NORM_EPS)
+    b = b / (b.norm(dim=-1, keepdim=True) + NORM_EPS)
+    return a @ b.transpose(-1, -2)
+
+
+def _match(reserved: Tensor, pruned: Tensor) -> tuple[Tensor, Tensor]:
+    """Hosts and their similarity: ``(host (B, Np) int64, exp(c_i,host) (B, Np, 1))``."""
+    cos = cosine(pruned, reserved)  # (B, Np, Nr)
+    # torch.argmax returns the first maximum: the lowest-index tie rule of the spec.
+    host = cos.argmax(dim=-1)  # (B, Np)
+    weight = cos.gather(-1, host.unsqueeze(-1)).exp()  # (B, Np, 1), in (exp(-1), e]
+    return host, weight
+
+
+def _flat_index(host: Tensor, n_hosts: int) -> Tensor:
+    """(B, Np) per-image host ids -> (B * Np,) ids into the flattened (B * n_hosts) rows."""
+    offset = torch.arange(host.shape[0], device=host.device).unsqueeze(-1) * n_hosts
+    return (host + offset).reshape(-1)
+
+
+def squeeze_reference(reserved: Tensor, pruned: Tensor) -> Tensor:
+    """Plain batched squeeze: (B, Nr, C), (B, Np, C) -> (B, Nr, C). No validation.
+
+    The default kernel of ``tokenreduce::squeeze`` and the function its backward differentiates.
+    Computes in the input dtype for fp32/fp64 and in float32 for half types. Returns a new
+    tensor (never an alias of ``reserved``), so it is valid as a custom-op kernel.
+    """
+    out_dtype = reserved.dtype
+    work = compute_dtype(out_dtype)
+    xr, xp = reserved.to(work), pruned.to(work)
+    B, Nr, C = xr.shape
+    Np = xp.shape[1]
+
+    host, weight = _match(xr, xp)
+    flat = _flat_index(host, Nr)  # (B * Np,)
+    # Numerator and denominator of y_j, accumulated per host over the flattened batch.
+    num = (xr * SELF_WEIGHT).reshape(B * Nr, C).index_add(0, flat, (weight * xp).reshape(B * Np, C))
+    den = xr.new_full((B * Nr, 1), SELF_WEIGHT).index_add(0, flat, weight.reshape(B * Np, 1))
+    count = xr.new_zeros(B * Nr, 1).index_add(0, flat, xr.new_ones(B * Np, 1))
+    fused = (num / den).reshape(B, Nr, C)
+    # Rows hosting nothing take `xr` itself: e * x / e is not always x in floating point.
+    out = torch.where(count.reshape(B, Nr, 1) > 0, fused, xr)
+    return out.to(out_dtype)
+
+
+class SqueezeAssignment(NamedTuple):
+    """Who goes where, and with which weight (the convex coefficients of Sec. 1).
+
+    host:        (B, Np) int64, the reserved token each pruned token joins.
+    weight:      (B, Np), coefficient of pruned token i in y_{host(i)}.
+    self_weight: (B, Nr), coefficient of reserved token j in y_j (1 when it hosts nothing).
+    For every j, ``self_weight[j] + sum_{i: host(i)=j} weight[i] == 1``.
+    """
+
+    host: Tensor
+    weight: Tensor
+    self_weight: Tensor
+
+
+def squeeze_assign(reserved: Tensor, pruned: Tensor) -> SqueezeAssignment:
+    """The matching and normalised weights ``squeeze`` uses: (B, Nr, C), (B, Np, C) -> see
+    ``SqueezeAssignment``. For inspection and tests; ``squeeze`` does not call it."""
+    check_token_pair("squeeze_assign", reserved, pruned)
+    work = compute_dtype(reserved.dtype)
+    xr, xp = reserved.to(work), pruned.to(work)
+    B, Nr, _ = xr.shape
+    host, w = _match(xr, xp)
+    flat = _flat_index(host, Nr)  # (B * Np,)
+    den = xr.new_full((B * Nr, 1), SELF_WEIGHT).index_add(0, flat, w.reshape(-1, 1))
+    den = den.reshape(B, Nr)  # (B, Nr)
+    weight = w.squeeze(-1) / den.gather(1, host)  # (B, Np)
+    return SqueezeAssignment(host, weight, SELF_WEIGHT / den)
+
+
+@torch.library.custom_op("tokenreduce::squeeze", mutates_args=())
+def squeeze_op(reserved: Tensor, pruned: Tensor) -> Tensor:
+    """``tokenreduce::squeeze``: (B, Nr, C), (B, Np, C) -> (B, Nr, C). Default kernel."""
+    return squeeze_reference(reserved, pruned)
+
+
+@squeeze_op.register_fake
+def _squeeze_fake(reserved: Tensor, pruned: Tensor) -> Tensor:
+    return torch.empty_like(reserved)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    reserved, pruned = inputs
+    ctx.save_for_backward(reserved, pruned)
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    # The host choice is piecewise constant in the inputs, so differentiating the reference with
+    # the hosts it picks is the exact gradient almost everywhere. Recomputing the forward here
+    # (instead of saving the cosine matrix) keeps the saved state at the two inputs.
+    reserved, pruned = ctx.saved_tensors
+    need_r, need_p = ctx.needs_input_grad
+    with torch.enable_grad():
+        xr = reserved.detach().requires_grad_(need_r)
+        xp = pruned.detach().requires_grad_(need_p)
+        out = squeeze_reference(xr, xp)
+        wanted = [t for t, need in ((xr, need_r), (xp, need_p)) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+    grad_r = next(grads) if need_r else None
+    grad_p = next(grads) if need_p else None
+    return grad_r, grad_p
+
+
+squeeze_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def squeeze(reserved: Tensor, pruned: Tensor) -> Tensor:
+    """Fuse ``pruned`` (B, Np, C) into ``reserved`` (B, Nr, C); returns (B, Nr, C).
+
+    See the module docstring for the math. Identity case: ``Np == 0`` returns ``reserved``
+    itself (no copy). Differentiable w.r.t. both inputs; one ``torch.compile`` graph node.
+    """
+    check_token_pair("squeeze", reserved, pruned)
+    if pruned.shape[1] == 0:
+        return reserved
+    return torch.ops.tokenreduce.squeeze(reserved, pruned)
+
+
+def squeeze_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
+    """Training form of the squeeze: (B, n, C), (B, n, 1), (B, n, 1) -> (B, n, C).
+
+    ``keep`` and ``pruned_now`` are hard 0/1 float masks (disjoint, as dTPS builds them) that may
+    carry straight-through gradients. Hosts are restricted to ``keep == 1`` tokens (same cosine
+    and lowest-index tie rule as ``squeeze``); only ``pruned_now == 1`` tokens contribute. Rows
+    with ``keep == 1`` get the fused value, which equals ``squeeze``'s output for the same
+    decisions; every other row is returned unchanged. Static shapes throughout (no boolean
+    indexing), so it compiles to one graph. Gradients reach ``x``, ``keep`` (through the mixing
+    ``x + keep * update``) and ``pruned_now`` (it multiplies each token's weight).
+    """
+    op = "squeeze_masked"
+    check_tensor(op, "x", x, 3, "(B, n, C)")
+    check_tensor(op, "keep", keep, 3, "(B, n, 1)")
+    check_tensor(op, "pruned_now", pruned_now, 3, "(B, n, 1)")
+    for name, t in (("x", x), ("keep", keep), ("pruned_now", pruned_now)):
+        check_float(op, name, t)
+    B, n, C = x.shape
+    check_shape(op, "keep", keep, (B, n, 1), "(B, n, 1)")
+    check_shape(op, "pruned_now", pruned_now, (B, n, 1), "(B, n, 1)")
+
+    out_dtype = x.dtype
+    work = compute_dtype(out_dtype)
+    xw, keep_w, pruned_w = x.to(work), keep.to(work), pruned_now.to(work)
+
+    cos = cosine(xw, xw)  # (B, n, n): row i a token to squeeze, column j a candidate host
+    hostable = keep.transpose(1, 2) > 0.5  # (B, 1, n)
+    # Masking happens only for the argmax; the weight gathers the finite cosine, so no -inf
+    # ever enters the autograd graph (an image with no kept token falls back to host 0, whose
+    # row is then left unchanged because its keep is 0).
+    host = cos.masked_fill(~hostable, float("-inf")).argmax(dim=-1)  # (B, n)
+    weight = cos.gather(-1, host.unsqueeze(-1)).exp() * pruned_w  # (B, n, 1); 0 unless pruned now
+    flat = _flat_index(host, n)  # (B * n,)
+    x_host = xw.gather(1, host.unsqueeze(-1).expand(-1, -1, C))  # (B, n, C)
+    # y_j = x_j + sum_i w_i (x_i - x_j) / (e + sum_i w_i) is Sec. 1's fusion rewritten so that a
+    # row receiving nothing gets an update of exactly 0 (x stays bit-exact) while the gradient
+    # into every w_i, hence into pruned_now, still flows.
+    delta = xw.new_zeros(B * n, C).index_add(0, flat, (weight * (xw - x_host)).reshape(B * n, C))
+    den = xw.new_full((B * n, 1), SELF_WEIGHT).index_add(0, flat, weight.reshape(B * n, 1))
+    update = (delta / den).reshape(B, n, C)
+    return (xw + keep_w * update).to(out_dtype)
