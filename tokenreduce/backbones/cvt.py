@@ -1,0 +1,452 @@
+"""Convolutional vision Transformer (CvT), written to be traced and rewritten with torch.fx.
+
+Paper: Wu et al., "CvT: Introducing Convolutions to Vision Transformers", ICCV 2021.
+https://arxiv.org/abs/2103.15808
+
+Layout at 224 px (no position embedding anywhere)::
+
+    stage  token embed (conv)   grid    dim  heads  CvT-13  CvT-21  tokens
+    1      7x7 / 4, pad 2       56x56    64    1      1       1     3136
+    2      3x3 / 2, pad 1       28x28   192    3      2       4      784
+    3      3x3 / 2, pad 1       14x14   384    6     10      16      196 + class token
+
+Each attention builds q, k, v with a depthwise 3x3 conv + BatchNorm on the token grid (stride 1
+for q, 2 for k and v) followed by a Linear; the class token bypasses the convs.
+
+Two details follow the authors' released models rather than the paper, so that their
+checkpoints reproduce: the attention scale is ``dim ** -0.5`` (the full width, not the head
+width) and the MLP activation is QuickGELU, ``x * sigmoid(1.702 x)``.
+
+Graph conventions the token-reduction passes rely on:
+
+* tokens between blocks are ``(B, N, C)`` sequences; the class token (stage 3) comes first and
+  is split off by slicing, ``x[:, :1]`` / ``x[:, 1:]``;
+* every spatial op (the q/k/v conv projections, the next stage's token embed) is fed by
+  ``x.transpose(1, 2).reshape(B, C, H, W)`` directly, with ``H, W`` read from the shape of the
+  stage's embedding conv output, never from ``N``;
+* blocks are pre-norm residuals: ``x = x + drop_path(attn(norm1(x), H, W))`` then the MLP.
+"""
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, QuickGELU, calculate_drop_path_rates, trunc_normal_, use_fused_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .checkpoint import checkpoint_filter_fn
+
+__all__ = ["ConvolutionalVisionTransformer"]
+
+
+class ConvEmbed(nn.Module):
+    """Overlapping conv token embedding followed by LayerNorm.
+
+    ``(B, C_in, H_in, W_in) -> ((B, H*W, C), H, W)``.
+    """
+
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        patch_size: int,
+        stride: int,
+        padding: int,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=padding, **dd)
+        self.norm = norm_layer(embed_dim, **dd)
+
+    def forward(self, x: torch.Tensor):
+        x = self.proj(x)  # (B, C, H, W)
+        H, W = x.shape[2], x.shape[3]
+        x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+        return self.norm(x), H, W
+
+
+class ConvProjection(nn.Module):
+    """Depthwise conv + BatchNorm on a grid, flattened to tokens.
+
+    ``(B, C, H, W) -> (B, H'*W', C)`` with ``H' = ceil(H / stride)`` (kernel 3, padding 1).
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 3, stride: int = 1, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(
+            dim, dim, kernel_size, stride=stride, padding=kernel_size // 2, groups=dim, bias=False, **dd
+        )
+        self.bn = nn.BatchNorm2d(dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)).flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'*W', C)
+
+
+class ConvAttention(nn.Module):
+    """Multi-head attention with convolutional q/k/v projections.
+
+    Input ``(B, P + H*W, C)`` with ``P = num_prefix_tokens`` leading tokens (class token) that
+    skip the convs; q keeps all ``P + H*W`` tokens, k and v have ``P + ceil(H/s) * ceil(W/s)``.
+    Output ``(B, P + H*W, C)``.
+    """
+
+    fused_attn: torch.jit.Final[bool]
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_prefix_tokens: int = 0,
+        qkv_bias: bool = True,
+        kernel_size: int = 3,
+        stride_q: int = 1,
+        stride_kv: int = 2,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.num_prefix_tokens = num_prefix_tokens
+        self.scale = dim**-0.5  # the released models scale by the full width, see module docstring
+        self.fused_attn = use_fused_attn()
+
+        self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q, **dd)
+        self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv, **dd)
+        self.conv_proj_v = ConvProjection(dim, kernel_size, stride_kv, **dd)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return x.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, d)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, _, C = x.shape
+        P = self.num_prefix_tokens
+        if P:
+            prefix, x = x[:, :P], x[:, P:]  # (B, P, C), (B, H*W, C)
+        x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, H*W, C) -> (B, C, H, W)
+        q = self.conv_proj_q(x)  # (B, H*W, C)
+        k = self.conv_proj_k(x)  # (B, H/2 * W/2, C)
+        v = self.conv_proj_v(x)
+        if P:
+            q = torch.cat((prefix, q), dim=1)
+            k = torch.cat((prefix, k), dim=1)
+            v = torch.cat((prefix, v), dim=1)
+        q = self._heads(self.proj_q(q))
+        k = self._heads(self.proj_k(k))
+        v = self._heads(self.proj_v(v))
+
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
+            )
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, Nq, Nkv)
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
+            x = attn @ v  # (B, h, Nq, d)
+        x = x.transpose(1, 2).reshape(B, -1, C)  # (B, Nq, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with convolutional attention; (B, N, C) -> (B, N, C)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_prefix_tokens: int = 0,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: Callable[..., nn.Module] = QuickGELU,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = ConvAttention(
+            dim, num_heads, num_prefix_tokens, qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd
+        )
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), H, W))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class CvtStage(nn.Module):
+    """Conv token embedding, optional class token, blocks.
+
+    ``(B, C_in, H_in, W_in) -> ((B, P + H*W, C), H, W)`` where ``P = num_prefix_tokens``.
+    """
+
+    def __init__(
+        self,
+        in_chans: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        patch_size: int,
+        patch_stride: int,
+        patch_padding: int,
+        class_token: bool = False,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        pos_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: Sequence[float] = (),
+        act_layer: Callable[..., nn.Module] = QuickGELU,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.patch_embed = ConvEmbed(in_chans, dim, patch_size, patch_stride, patch_padding, norm_layer, **dd)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim, **dd)) if class_token else None
+        self.pos_drop = nn.Dropout(pos_drop)
+        drop_path = list(drop_path) or [0.0] * depth
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                num_heads,
+                self.num_prefix_tokens,
+                mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop,
+                attn_drop=attn_drop,
+                drop_path=drop_path[i],
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                **dd,
+            )
+            for i in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor):
+        x, H, W = self.patch_embed(x)  # (B, H*W, C)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + H*W, C)
+        x = self.pos_drop(x)
+        for blk in self.blocks:
+            x = blk(x, H, W)
+        return x, H, W
+
+
+class ConvolutionalVisionTransformer(nn.Module):
+    """CvT classifier: three :class:`CvtStage` s, final LayerNorm, linear head on the class token.
+
+    ``forward_features``: (B, 3, H, W) -> (B, 1 + H/16 * W/16, C) normalised tokens;
+    ``forward_head``: -> (B, num_classes).
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dims: Sequence[int] = (64, 192, 384),
+        depths: Sequence[int] = (1, 2, 10),
+        num_heads: Sequence[int] = (1, 3, 6),
+        patch_sizes: Sequence[int] = (7, 3, 3),
+        patch_strides: Sequence[int] = (4, 2, 2),
+        patch_paddings: Sequence[int] = (2, 1, 1),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        act_layer: Optional[Callable[..., nn.Module]] = None,
+        norm_layer: Optional[Callable[..., nn.Module]] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if global_pool not in ("token", ""):
+            raise ValueError(f"global_pool must be 'token' or '' (got {global_pool!r})")
+        num_stages = len(depths)
+        per_stage = (embed_dims, num_heads, patch_sizes, patch_strides, patch_paddings)
+        if any(len(s) != num_stages for s in per_stage):
+            raise ValueError(
+                "embed_dims, depths, num_heads, patch_sizes, patch_strides and patch_paddings "
+                "must have equal length"
+            )
+        act_layer = act_layer or QuickGELU
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-5)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        stages, in_dim = [], in_chans
+        for i in range(num_stages):
+            stages.append(
+                CvtStage(
+                    in_dim,
+                    embed_dims[i],
+                    depths[i],
+                    num_heads[i],
+                    patch_sizes[i],
+                    patch_strides[i],
+                    patch_paddings[i],
+                    class_token=i == num_stages - 1,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    pos_drop=pos_drop_rate,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    **dd,
+                )
+            )
+            in_dim = embed_dims[i]
+        self.stages = nn.ModuleList(stages)
+        self.norm = norm_layer(embed_dims[-1], **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        for stage in self.stages:
+            if stage.cls_token is not None:
+                trunc_normal_(stage.cls_token, std=0.02)
+        self.apply(_init_linear)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {f"stages.{len(self.stages) - 1}.cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^stages\.0\.patch_embed", blocks=r"^stages\.(\d+)")
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("token", ""):
+                raise ValueError(f"global_pool must be 'token' or '' (got {global_pool!r})")
+            self.global_pool = global_pool
+        ref = self.norm.weight
+        self.head = (
+            nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H_in, W_in) image -> (B, 1 + H*W, C) normalised last-stage tokens."""
+        x, H, W = self.stages[0](x)
+        for prev, stage in zip(self.stages[:-1], self.stages[1:]):
+            if prev.num_prefix_tokens:
+                x = x[:, prev.num_prefix_tokens:]  # the grid only feeds the next embedding
+            B, _, C = x.shape
+            x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, H*W, C) -> (B, C, H, W)
+            x, H, W = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "token":
+            x = x[:, 0]  # class token
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _create_cvt(variant: str, pretrained: bool = False, **kwargs) -> ConvolutionalVisionTransformer:
+    return build_model_with_cfg(
+        ConvolutionalVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs):
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stages.0.patch_embed.proj",
+        "classifier": "head",
+        "fixed_input_size": False,
+        "license": "mit",
+        **kwargs,
+    }
+
+
+# No hosted weights: the authors' ImageNet-1k checkpoints (github.com/microsoft/CvT) are not on
+# the HF hub; load one with pretrained_cfg_overlay=dict(file=path) and it is remapped by
+# checkpoint_filter_fn.
+default_cfgs = generate_default_cfgs(
+    {
+        "cvt_13.in1k": _cfg(),
+        "cvt_21.in1k": _cfg(),
+    }
+)
+
+
+@register_model
+def cvt_13(pretrained: bool = False, **kwargs) -> ConvolutionalVisionTransformer:
+    """CvT-13: depths (1, 2, 10); 20 M params, 4.5 GMACs at 224 px."""
+    model_args = dict(depths=(1, 2, 10))
+    return _create_cvt("cvt_13", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def cvt_21(pretrained: bool = False, **kwargs) -> ConvolutionalVisionTransformer:
+    """CvT-21: depths (1, 4, 16); 32 M params, 7.1 GMACs at 224 px."""
+    model_args = dict(depths=(1, 4, 16))
+    return _create_cvt("cvt_21", pretrained, **dict(model_args, **kwargs))
