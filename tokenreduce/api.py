@@ -44,6 +44,9 @@ def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tens
         return example_input
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size")
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None and isinstance(img_size, (tuple, list)) and len(img_size) == 2:
+        size = (size[0], *img_size)  # timm's `img_size=` override is not reflected in pretrained_cfg
     if size is None:
         raise ValueError(
             f"example_input: {type(model).__name__} has no timm pretrained_cfg['input_size']; pass "

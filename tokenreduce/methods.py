@@ -56,7 +56,7 @@ class Scorer(nn.Module):
     """
 
     needs_attention: bool = False
-    needs_prefix: bool = False
+    needs_prefix: bool = False  # needs a class token leading the sequence
     learned: bool = False
 
 

@@ -148,9 +148,10 @@ def make_plan(
     for s, (bi, r) in enumerate(zip(indices, ratios)):
         block = model_map.block(bi)
         prev = sites[-1] if sites and sites[-1].stage == block.stage else None
-        if scorer.needs_prefix and block.num_prefix < 1:
+        if scorer.needs_prefix and not block.has_class_token:
             raise TokenReduceError(
-                f"{method.name}: block '{block.path}' has no class token (0 prefix tokens), and "
+                f"{method.name}: block '{block.path}' has no class token ({block.num_prefix} prefix "
+                f"token(s), none of them a class token), and "
                 f"{method.name} scores tokens by class-token attention. Use method='dtps' (a "
                 f"learned score head) for models without a class token."
             )

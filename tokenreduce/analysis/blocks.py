@@ -35,10 +35,24 @@ def _mlp_residual(g: nx.DiGraph, order: dict, x1: fx.Node) -> fx.Node | None:
     return None
 
 
-def _prefix_count(entry: fx.Node, image: set[fx.Node]) -> int:
-    """Prefix tokens leading the stream at ``entry``: walk back over token-preserving ops to the
-    ``cat`` that built the sequence and count its leading operands that do not depend on the
-    image (class token, distillation token, registers). No such cat: 0."""
+def _source_name(node: fx.Node) -> str:
+    """The parameter a prefix operand is built from (``expand(cls_token, ...)`` -> 'cls_token')."""
+    while node.op != "get_attr":
+        args = data_args(node)
+        if not args:
+            return ""
+        node = args[0]
+    return str(node.target)
+
+
+def _prefix_count(entry: fx.Node, image: set[fx.Node]) -> tuple[int, bool]:
+    """Prefix tokens leading the stream at ``entry``, and whether the first is a class token.
+
+    Walk back over token-preserving ops to the ``cat`` that built the sequence and count its
+    leading operands that do not depend on the image (class token, distillation token,
+    registers). The first prefix token is a class token when its parameter is named like one
+    (``cls_token``, ``class_token``); register-only models (``*_reg4_gap``) have none. No cat: 0.
+    """
     n_tokens = shape_of(entry)[1]
     node = entry
     while True:
@@ -50,11 +64,12 @@ def _prefix_count(entry: fx.Node, image: set[fx.Node]) -> int:
                     if part in image:
                         break
                     count += shape_of(part)[1]
-                return count
+                first = _source_name(node.args[0][0]).rsplit(".", 1)[-1].lower() if count else ""
+                return count, ("cls" in first or "class" in first)
         same = [a for a in data_args(node) if a in image and (shape_of(a) or (0, 0))[1:2] == (n_tokens,)
                 and len(shape_of(a)) == 3]
         if len(same) != 1:
-            return 0
+            return 0, False
         node = same[0]
 
 
@@ -94,16 +109,16 @@ def find_blocks(gm: fx.GraphModule, attentions: list[Attention]) -> tuple[list[B
         raw.append((att, x1, entry, exit_, path))
 
     blocks: list[Block] = []
-    stage, prefix = -1, 0
+    stage, prefix, has_cls = -1, 0, False
     for i, (att, x1, entry, exit_, path) in enumerate(raw):
         if i == 0 or raw[i - 1][3] is not entry:
             stage += 1
-            prefix = _prefix_count(entry, image)
+            prefix, has_cls = _prefix_count(entry, image)
         shape = shape_of(entry)
         blocks.append(
             Block(
                 index=i, path=path, stage=stage, entry=entry, attn=att, attn_residual=x1,
-                exit=exit_, num_prefix=prefix, num_tokens=shape[1], dim=shape[2],
+                exit=exit_, num_prefix=prefix, has_class_token=has_cls, num_tokens=shape[1], dim=shape[2],
             )
         )
     if not blocks:

@@ -43,7 +43,8 @@ class Block:
     ``index`` counts blocks over the whole model in execution order; ``stage`` numbers the runs
     of consecutive blocks that share one token stream (a plain ViT has one stage; PVT has four).
     ``num_prefix`` is the count of prefix tokens (class, distillation, registers) leading the
-    stream; ``num_tokens`` the full sequence length N of the example input.
+    stream, the first of them the class token when ``has_class_token``; ``num_tokens`` the full
+    sequence length N of the example input.
     """
 
     index: int
@@ -54,6 +55,7 @@ class Block:
     attn_residual: fx.Node
     exit: fx.Node
     num_prefix: int
+    has_class_token: bool
     num_tokens: int
     dim: int
 
@@ -80,16 +82,17 @@ class ModelMap:
 
     def table(self) -> str:
         """A fixed-width table: one row per block."""
-        head = ("#", "block", "stage", "attention", "heads", "tokens", "prefix", "dim", "sites")
+        head = ("#", "block", "stage", "attention", "heads", "tokens", "prefix", "cls", "dim", "sites")
         rows = [head]
         for b in self.blocks:
             sites = ["before"]
-            if b.num_prefix >= 1 and b.attn.full_keys:
+            if b.has_class_token and b.attn.full_keys:
                 sites.append("after-attn")
             rows.append(
                 (
                     str(b.index), b.path, str(b.stage), b.attn.kind, str(b.attn.num_heads),
-                    str(b.num_tokens), str(b.num_prefix), str(b.dim), "/".join(sites),
+                    str(b.num_tokens), str(b.num_prefix), "yes" if b.has_class_token else "no",
+                    str(b.dim), "/".join(sites),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -97,3 +100,8 @@ class ModelMap:
         lines.insert(1, "  ".join("-" * w for w in widths))
         title = f"{self.model_name}: {len(self.blocks)} blocks, input {self.example_shape}"
         return "\n".join([title, *lines, *self.notes])
+
+    __str__ = table
+
+    def __repr__(self) -> str:
+        return self.table()
