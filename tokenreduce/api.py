@@ -15,7 +15,7 @@ from .analysis import ModelMap, analyze
 from .capture import capture
 from .flops import gflops
 from .methods import SCORERS, get_method
-from .passes import add_aux_output, insert_sites, route_policy
+from .passes import add_aux_output, insert_sites, pad_spatial, route_policy
 from .passes.infra import tags
 from .plan import Loc, Plan, make_plan
 from .site import ReductionSite
@@ -80,8 +80,10 @@ def apply(
     Args:
         model: a vision transformer (timm's, a hybrid, or your own) that ``torch.fx`` can trace.
         method: ``"etps"``, ``"evit"``, ``"dtps"``, ``"dynamicvit"`` or a registered method.
-        locs: 0-based block indices or block paths (``"blocks.3"``); default: the paper's sites
-            ([3, 6, 9] of 12 blocks), see :func:`tokenreduce.plan.default_locs`.
+        locs: 0-based block indices (counted over all stages) or block paths (``"blocks.3"``,
+            ``"stages.2.blocks.3"``); default: the model's ``default_reduction_locs`` if it has
+            one, else the paper's sites ([3, 6, 9] of 12 blocks; the start of every stage after
+            the first for PVT-like models), see :func:`tokenreduce.plan.default_locs`.
         keep_ratio: a float in (0, 1] or one per site. eTPS/EViT: relative to the tokens entering
             each site (keep ``ceil(rho * n)``). dTPS/DynamicViT: cumulative over the original
             tokens, the s-th site keeping ``int(n * rho ** s)``; a list gives those cumulative
@@ -103,6 +105,8 @@ def apply(
     name = type(model).__name__
     gm = capture(work, example)
     model_map = analyze(gm, tuple(example.shape), name)
+    if locs is None:  # a backbone may declare its paper's sites
+        locs = getattr(model, "default_reduction_locs", None)
     plan = make_plan(model_map, m, locs, keep_ratio)
 
     param = next(model.parameters(), None)
@@ -110,6 +114,8 @@ def apply(
     if param is not None:
         sites = [s.to(device=param.device, dtype=param.dtype) for s in sites]
     gm = insert_sites(gm, model_map, plan, sites)
+    if model_map.to_grid:
+        gm = pad_spatial(gm, model_map)
     if SCORERS[m.scorer].learned:
         gm = route_policy(gm, model_map, plan)
     if aux:

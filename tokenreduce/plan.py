@@ -162,6 +162,12 @@ def make_plan(
                 f"class-token attention row over the patches; place the site at another block or "
                 f"use method='dtps'."
             )
+        if EXTRA_TOKENS[method.reducer] and any(g.stage == block.stage for g in model_map.to_grid):
+            raise TokenReduceError(
+                f"{method.name}: stage {block.stage} of {model_map.model_name} lays its tokens on a "
+                f"grid (spatial operators at '{block.path}' and after), and {method.name}'s "
+                f"appended token has no grid position. Use method='etps' or 'dtps'."
+            )
         if method.counts == "cumulative":
             if scalar:  # the s-th site of a stage keeps rho ** s of the stage's tokens
                 r = r ** (1 + sum(1 for p in sites if p.stage == block.stage))

@@ -8,8 +8,9 @@ from ..errors import TokenReduceError
 from .attention import find_attention
 from .blocks import find_blocks
 from .model_map import Attention, Block, ModelMap
+from .spatial import FromGrid, ToGrid, find_spatial
 
-__all__ = ["analyze", "Attention", "Block", "ModelMap"]
+__all__ = ["analyze", "Attention", "Block", "ModelMap", "ToGrid", "FromGrid"]
 
 
 def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str) -> ModelMap:
@@ -23,5 +24,6 @@ def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str)
             f"a vision transformer."
         )
     blocks, notes = find_blocks(gm, attentions)
+    to_grid, from_grid = find_spatial(gm, tuple(blocks))
     return ModelMap(model_name=model_name, blocks=tuple(blocks), example_shape=tuple(example_shape),
-                    notes=tuple(notes))
+                    notes=tuple(notes), to_grid=to_grid, from_grid=from_grid)

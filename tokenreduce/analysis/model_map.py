@@ -72,6 +72,8 @@ class ModelMap:
     blocks: tuple[Block, ...]
     example_shape: tuple[int, ...]
     notes: tuple[str, ...] = field(default=())
+    to_grid: tuple = field(default=())  # analysis.spatial.ToGrid
+    from_grid: tuple = field(default=())  # analysis.spatial.FromGrid
 
     def block(self, index: int) -> Block:
         return self.blocks[index]
@@ -99,6 +101,8 @@ class ModelMap:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         title = f"{self.model_name}: {len(self.blocks)} blocks, input {self.example_shape}"
+        if self.to_grid:
+            title += f", {len(self.to_grid)} spatial site(s), {len(self.from_grid)} grid return(s)"
         return "\n".join([title, *lines, *self.notes])
 
     __str__ = table

@@ -442,11 +442,16 @@ default_cfgs = generate_default_cfgs(
 def cvt_13(pretrained: bool = False, **kwargs) -> ConvolutionalVisionTransformer:
     """CvT-13: depths (1, 2, 10); 20 M params, 4.5 GMACs at 224 px."""
     model_args = dict(depths=(1, 2, 10))
-    return _create_cvt("cvt_13", pretrained, **dict(model_args, **kwargs))
+    model = _create_cvt("cvt_13", pretrained, **dict(model_args, **kwargs))
+    # TPS supplement: token reduction inside stage 3 only, at its blocks 3, 6 and 9
+    model.default_reduction_locs = tuple(f"stages.2.blocks.{i}" for i in (3, 6, 9))
+    return model
 
 
 @register_model
 def cvt_21(pretrained: bool = False, **kwargs) -> ConvolutionalVisionTransformer:
     """CvT-21: depths (1, 4, 16); 32 M params, 7.1 GMACs at 224 px."""
     model_args = dict(depths=(1, 4, 16))
-    return _create_cvt("cvt_21", pretrained, **dict(model_args, **kwargs))
+    model = _create_cvt("cvt_21", pretrained, **dict(model_args, **kwargs))
+    model.default_reduction_locs = tuple(f"stages.2.blocks.{i}" for i in (5, 9, 13))
+    return model

@@ -3,6 +3,7 @@
 The public API is ``__all__``; the module layout behind it may change.
 """
 
+from .grid import scatter_to_grid
 from .attention import cls_attention, policy_attention, policy_softmax
 from .reduce import drop, fuse_one
 from .score_head import ScoreHead, gumbel_keep
@@ -31,5 +32,6 @@ __all__ = [
     "squeeze_masked",
     "squeeze_op",
     "squeeze_reference",
+    "scatter_to_grid",
     "topk_split",
 ]

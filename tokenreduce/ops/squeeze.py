@@ -87,6 +87,14 @@ def squeeze_reference(reserved: Tensor, pruned: Tensor) -> Tensor:
     Computes in the input dtype for fp32/fp64 and in float32 for half types. Returns a new
     tensor (never an alias of ``reserved``), so it is valid as a custom-op kernel.
     """
+    # Autocast stays enabled inside a custom op's kernel: it would run the similarity matmul in
+    # bf16 and then fail to add bf16 rows into the float32 accumulators. The dtype policy here is
+    # explicit instead.
+    with torch.autocast(reserved.device.type, enabled=False):
+        return _squeeze_reference(reserved, pruned)
+
+
+def _squeeze_reference(reserved: Tensor, pruned: Tensor) -> Tensor:
     out_dtype = reserved.dtype
     work = compute_dtype(out_dtype)
     xr, xp = reserved.to(work), pruned.to(work)

@@ -3,5 +3,6 @@
 from .aux_output import add_aux_output
 from .insert_sites import insert_sites
 from .route_policy import route_policy
+from .spatial import pad_spatial
 
-__all__ = ["insert_sites", "route_policy", "add_aux_output"]
+__all__ = ["insert_sites", "route_policy", "add_aux_output", "pad_spatial"]

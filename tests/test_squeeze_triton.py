@@ -1,0 +1,373 @@
+"""The Triton squeeze kernel against a float64 oracle written from tps-reference Sec. 1.
+
+Four groups:
+  * interpreter tests (CPU): Triton's interpreter must be switched on before triton is
+    imported, so ``test_kernels_under_triton_interpreter`` runs this file's ``interp_`` tests in
+    a child pytest with ``TRITON_INTERPRET=1``.  In the main process they are skipped.
+  * ahead-of-time compilation of both kernels for sm_90 (no GPU needed).
+  * plain tests (no triton needed): argument validation and the CPU-only registration no-op.
+  * ``gpu`` tests: the compiled kernels on CUDA against the oracle and the project reference,
+    dispatch through ``torch.ops.tokenreduce.squeeze`` and ``torch.library.opcheck``.
+
+Host assignment is compared "host-aware": the kernel's host for each pruned token must reach the
+maximal cosine within a tolerance (a near-tie may legitimately go either way in another
+precision), and the output must equal the formula evaluated with the kernel's own hosts.  Rows
+that no near-tied pruned token can reach must also match the oracle's own argmax outright.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_CUDA = torch.cuda.is_available()
+
+interp = pytest.mark.skipif(
+    not INTERPRETING,
+    reason="runs in the child pytest (TRITON_INTERPRET=1) of test_kernels_under_triton_interpreter",
+)
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+
+# Two candidate hosts closer than this in cosine may swap between precisions: their rows are
+# compared with the oracle's own argmax only when no pruned token is torn between them.
+NEAR_TIE = 1e-5
+
+
+# ---------------------------------------------------------------------------------- oracle
+def cosine64(reserved: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """c[b, i, j] in float64: (B, Np, Nr)."""
+    r = reserved.double()
+    p = pruned.double()
+    rn = r / (r.norm(dim=-1, keepdim=True) + 1e-6)
+    pn = p / (p.norm(dim=-1, keepdim=True) + 1e-6)
+    return pn @ rn.transpose(1, 2)
+
+
+def formula64(reserved, pruned, hosts=None):
+    """(y (B, Nr, C) float64, matched (B, Nr) bool) from Sec. 1; ``hosts`` (B, Np) overrides argmax."""
+    B, Nr, C = reserved.shape
+    c = cosine64(reserved, pruned)  # (B, Np, Nr)
+    h = c.argmax(dim=-1) if hosts is None else hosts.long()  # argmax: first maximal index
+    w = c.gather(-1, h[..., None]).exp()  # (B, Np, 1)
+    num = math.e * reserved.double()
+    num = num.scatter_add(1, h[..., None].expand(-1, -1, C), w * pruned.double())
+    den = torch.full((B, Nr), math.e, dtype=torch.float64).scatter_add(1, h, w[..., 0])
+    matched = torch.zeros(B, Nr, dtype=torch.bool).scatter(1, h, True)
+    return num / den[..., None], matched
+
+
+def settled_rows(reserved, pruned) -> torch.Tensor:
+    """(B, Nr) bool: reserved rows that no near-tied pruned token could move to or from."""
+    c = cosine64(reserved, pruned)  # (B, Np, Nr)
+    if c.shape[1] == 0:
+        return torch.ones(reserved.shape[:2], dtype=torch.bool)
+    near = c >= c.max(-1, keepdim=True).values - NEAR_TIE  # (B, Np, Nr): candidate hosts
+    torn = near.sum(-1, keepdim=True) > 1  # (B, Np, 1)
+    return ~(near & torn).any(dim=1)
+
+
+def check(reserved, pruned, y, hosts, *, rtol, atol, host_tol):
+    """Host-aware comparison of the kernel output ``y`` (and its ``hosts``) with the oracle."""
+    assert y.shape == reserved.shape and y.dtype == reserved.dtype
+    r, p, y, hosts = reserved.cpu(), pruned.cpu(), y.cpu(), hosts.cpu().long()
+    if p.shape[1] > 0:
+        assert hosts.min() >= 0 and hosts.max() < r.shape[1], "host index out of range"
+        c = cosine64(r, p)
+        shortfall = c.max(-1).values - c.gather(-1, hosts[..., None])[..., 0]
+        assert shortfall.max() <= host_tol, f"kernel host is not a best match: {shortfall.max()}"
+    expected, matched = formula64(r, p, hosts)
+    # Rows that host nothing: the input, bit for bit.
+    assert torch.equal(y[~matched], r[~matched]), "unmatched reserved rows changed"
+    torch.testing.assert_close(y.double(), expected, rtol=rtol, atol=atol)
+    # Against the oracle's own argmax wherever no near-tie makes the host ambiguous.
+    settled = settled_rows(r, p)
+    oracle, oracle_matched = formula64(r, p)
+    torch.testing.assert_close(y.double()[settled], oracle[settled], rtol=rtol, atol=atol)
+    unmatched = settled & ~oracle_matched
+    assert torch.equal(y[unmatched], r[unmatched]), "rows the oracle leaves alone changed"
+
+
+def randn(*shape, seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------- driver (main process)
+@needs_triton
+@pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter child")
+def test_kernels_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+
+
+# ------------------------------------------------------------ interpreter tests (child only)
+# Every (Np, C) pair of B {1, 3} x Nr {1, 5, 17} x Np {0, 1, 7, 33} x C {1, 3, 64, 100}, with Nr
+# cycling so that every (Nr, Np) and (Nr, C) pair occurs too: each interpreted launch costs
+# 0.1-0.3 s, so the full product (96 cases) would take minutes on a busy 2-core machine.
+SIZES = [
+    (1 + 2 * ((i + j) % 2), (1, 5, 17)[(i + j) % 3], Np, C)
+    for i, Np in enumerate((0, 1, 7, 33))
+    for j, C in enumerate((1, 3, 64, 100))
+]
+# Several tiles along every loop: Nr > 64 (reserved tiles), Np > 32 / 64 (pruned blocks and the
+# fuse kernel's pruned loop), C > 64 (channel chunks and channel grid).
+SIZES += [(2, 80, 70, 130)]  # DeiT-S's (137, 59, 384) is in test_interp_matches_project_reference
+
+
+@interp
+def test_interp_sizes_fp32():
+    from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
+
+    for k, (B, Nr, Np, C) in enumerate(SIZES):
+        r = randn(B, Nr, C, seed=2 * k)
+        p = randn(B, Np, C, seed=2 * k + 1)
+        y, hosts = _squeeze_with_hosts(r, p)
+        try:
+            check(r, p, y, hosts, rtol=1e-5, atol=1e-6, host_tol=1e-6)
+        except AssertionError as err:
+            raise AssertionError(f"B={B} Nr={Nr} Np={Np} C={C}: {err}") from err
+        if Np == 0:
+            assert torch.equal(y, r) and y.data_ptr() != r.data_ptr()
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interp_half_precision(dtype):
+    from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
+
+    for k, (B, Nr, Np, C) in enumerate([(2, 5, 7, 3), (3, 17, 33, 100), (2, 80, 70, 130)]):
+        r = randn(B, Nr, C, seed=100 + k, dtype=dtype)
+        p = randn(B, Np, C, seed=200 + k, dtype=dtype)
+        y, hosts = _squeeze_with_hosts(r, p)
+        # The fp32 result is rounded once to the 16-bit output: half an ulp (2^-8 or 2^-11 rel).
+        check(r, p, y, hosts, rtol=2**-7, atol=1e-3, host_tol=1e-6)
+
+
+@interp
+def test_interp_ties_pick_lowest_index():
+    from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
+
+    # Small integers: every dot product is exact in any summation order, so duplicated reserved
+    # tokens tie exactly (random floats could differ in the last bit between BLAS lanes).
+    B, Nr, C = 2, 80, 24
+    g = torch.Generator().manual_seed(7)
+    r = torch.randint(-3, 4, (B, Nr, C), generator=g).float()
+    r[:, 70] = r[:, 5]  # exact duplicates in different reserved tiles (BLOCK_R = 64)
+    r[:, 9] = r[:, 3]  # and within one tile
+    p = torch.stack([2.0 * r[:, 5], 0.5 * r[:, 3], r[:, 70]], dim=1)  # (B, 3, C)
+    y, hosts = _squeeze_with_hosts(r, p)
+    assert hosts.tolist() == [[5, 3, 5]] * B
+    assert torch.equal(y[:, 70], r[:, 70]) and torch.equal(y[:, 9], r[:, 9])
+    check(r, p, y, hosts, rtol=1e-5, atol=1e-6, host_tol=0.0)
+
+
+@interp
+def test_interp_zero_tokens():
+    # A zero token normalises to zero: cosine 0 with everything, so a zero pruned token joins
+    # reserved token 0 (first index among equal cosines) with weight exp(0) = 1.
+    from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
+
+    r = randn(1, 6, 10, seed=21)
+    r[:, 2] = 0.0
+    p = randn(1, 4, 10, seed=22)
+    p[:, 1] = 0.0
+    y, hosts = _squeeze_with_hosts(r, p)
+    assert hosts[0, 1] == 0
+    check(r, p, y, hosts, rtol=1e-5, atol=1e-6, host_tol=1e-6)
+    y, hosts = _squeeze_with_hosts(r, torch.zeros(1, 3, 10))
+    assert hosts.tolist() == [[0, 0, 0]]
+    torch.testing.assert_close(y[:, 0], r[:, 0] * math.e / (math.e + 3), rtol=1e-6, atol=0)
+    assert torch.equal(y[:, 1:], r[:, 1:])
+
+
+@interp
+def test_interp_strided_inputs():
+    from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
+
+    x = randn(3, 40, 50, seed=11)
+    r = x[:, ::2]  # (3, 20, 50), token stride 100
+    p = x[:, 1:34:3]  # (3, 11, 50), token stride 150
+    r2 = randn(3, 50, 17, seed=12).transpose(1, 2)  # (3, 17, 50), channel stride != 1
+    for rr, pp in ((r, p), (r2, p)):
+        y, hosts = _squeeze_with_hosts(rr, pp)
+        assert y.is_contiguous()
+        check(rr, pp, y, hosts, rtol=1e-5, atol=1e-6, host_tol=1e-6)
+
+
+@interp
+def test_interp_matches_project_reference():
+    ref = pytest.importorskip("tokenreduce.ops.squeeze", reason="ops/squeeze.py not written yet")
+    from tokenreduce.ops.squeeze_triton import squeeze_triton
+
+    for k, (B, Nr, Np, C) in enumerate([(2, 17, 33, 100), (2, 137, 59, 384), (1, 5, 0, 8)]):
+        r, p = randn(B, Nr, C, seed=300 + k), randn(B, Np, C, seed=400 + k)
+        settled = settled_rows(r, p)
+        assert settled.float().mean() > 0.9
+        y, expected = squeeze_triton(r, p), ref.squeeze_reference(r, p)
+        torch.testing.assert_close(y[settled], expected[settled], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ plain tests (any machine)
+@pytest.mark.skipif(INTERPRETING, reason="checks behaviour outside the interpreter")
+def test_cpu_tensors_need_cuda_or_the_interpreter():
+    from tokenreduce.ops.squeeze_triton import squeeze_triton, triton_available
+
+    r, p = randn(1, 3, 4, seed=0), randn(1, 2, 4, seed=1)
+    if triton_available():
+        with pytest.raises(ValueError, match="must be on a CUDA device.*TRITON_INTERPRET=1"):
+            squeeze_triton(r, p)
+    else:
+        with pytest.raises(RuntimeError, match="triton is not installed"):
+            squeeze_triton(r, p)
+
+
+def test_argument_errors_name_the_argument():
+    from tokenreduce.ops.squeeze_triton import squeeze_triton
+
+    r = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match=r"pruned must have shape \(B, N, C\)"):
+        squeeze_triton(r, torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="reserved.dtype must be float32, bfloat16 or float16"):
+        squeeze_triton(r.double(), torch.zeros(2, 1, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="must have the same dtype"):
+        squeeze_triton(r, torch.zeros(2, 1, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="must agree in B and C"):
+        squeeze_triton(r, torch.zeros(2, 1, 5))
+
+
+def test_identity_cases_copy_reserved():
+    from tokenreduce.ops.squeeze_triton import squeeze_triton
+
+    r = randn(2, 3, 4, seed=3)
+    y = squeeze_triton(r, torch.zeros(2, 0, 4))  # Np == 0: no kernel launch, any device
+    assert torch.equal(y, r) and y.data_ptr() != r.data_ptr()
+    assert squeeze_triton(torch.zeros(2, 0, 4), r).shape == (2, 0, 4)
+
+
+@pytest.mark.skipif(HAVE_CUDA, reason="checks the CPU-only no-op")
+def test_register_is_a_noop_without_cuda():
+    from tokenreduce.ops.squeeze_triton import register_cuda_kernel
+
+    assert register_cuda_kernel() is False
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter replaces the JIT functions")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_kernels_compile_for_hopper(dtype):
+    """Ahead-of-time compile both kernels to sm_90 (PTX + ptxas), no GPU needed: catches what the
+    interpreter cannot (tl.dot shape and dtype rules, MMA lowering of tf32x3 and 16-bit tiles)."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {err}")
+    from tokenreduce.ops import squeeze_triton as st
+
+    pointers = {"r_ptr": f"*{dtype}", "p_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+                "host_ptr": "*i32", "w_ptr": "*fp32"}
+    precision = "tf32x3" if dtype == "fp32" else "tf32"
+    kernels = [
+        (st._squeeze_hosts_kernel,
+         dict(EPS=1e-6, PRECISION=precision, DOT_F32=False, BLOCK_P=32, BLOCK_R=64, BLOCK_C=64)),
+        (st._squeeze_fuse_kernel,
+         dict(E=math.e, SPLIT_W=dtype != "fp32", PRECISION=precision, DOT_F32=False,
+              BLOCK_R=64, BLOCK_P=64, BLOCK_C=64)),
+    ]
+    for kernel, constexprs in kernels:
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+        src = ASTSource(fn=kernel, signature=signature,
+                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": 4, "enable_fp_fusion": True})
+        except FileNotFoundError as err:  # no ptxas shipped with this triton
+            pytest.skip(f"cannot compile for sm_90 here: {err}")
+        assert "mma" in compiled.asm["ptx"], f"{kernel.__name__} ({dtype}) does not use tensor cores"
+
+
+# --------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", [(8, 137, 59, 384), (3, 17, 70, 100), (4, 98, 98, 768), (2, 5, 1, 3)])
+def test_cuda_matches_oracle(dtype, size):
+    from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts, squeeze_triton
+
+    B, Nr, Np, C = size
+    r = randn(B, Nr, C, seed=500, dtype=dtype, device="cuda")
+    p = randn(B, Np, C, seed=501, dtype=dtype, device="cuda")
+    y, hosts = _squeeze_with_hosts(r, p)
+    if dtype == torch.float32:  # tf32x3 products: close to, not exactly, fp32
+        check(r, p, y, hosts, rtol=1e-5, atol=1e-5, host_tol=1e-5)
+    else:
+        check(r, p, y, hosts, rtol=2**-7, atol=1e-3, host_tol=1e-5)
+    assert torch.equal(y, squeeze_triton(r, p)), "kernel is not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_agrees_with_project_reference(dtype):
+    ref = pytest.importorskip("tokenreduce.ops.squeeze", reason="ops/squeeze.py not written yet")
+    from tokenreduce.ops.squeeze_triton import squeeze_triton
+
+    r = randn(16, 137, 384, seed=600, dtype=dtype, device="cuda")
+    p = randn(16, 59, 384, seed=601, dtype=dtype, device="cuda")
+    y = squeeze_triton(r, p).float().cpu()
+    # The reference on the same (possibly bf16) values, upcast: only accumulation order differs.
+    expected = ref.squeeze_reference(r.float(), p.float()).cpu()
+    # A host flip at a near-tie moves whole rows; compare the rows no near-tie can touch.
+    settled = settled_rows(r.cpu(), p.cpu())
+    assert settled.float().mean() > 0.99
+    row_rel = (y - expected).norm(dim=-1) / expected.norm(dim=-1)  # (B, Nr)
+    assert row_rel[settled].max() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
+def test_cuda_op_dispatches_to_triton_and_passes_opcheck():
+    pytest.importorskip("tokenreduce.ops.squeeze", reason="ops/squeeze.py not written yet")
+    from tokenreduce.ops.squeeze_triton import register_cuda_kernel, squeeze_triton
+
+    assert register_cuda_kernel() is True
+    op = torch.ops.tokenreduce.squeeze.default
+    r = randn(4, 37, 96, seed=700, device="cuda")
+    p = randn(4, 21, 96, seed=701, device="cuda")
+    assert torch.equal(op(r, p), squeeze_triton(r, p))  # deterministic kernel: bit for bit
+    torch.library.opcheck(op, (r, p))
+    torch.library.opcheck(op, (r.clone().requires_grad_(), p.clone().requires_grad_()))
+    torch.library.opcheck(op, (r.bfloat16(), p.bfloat16()))
+    torch.library.opcheck(op, (r, p[:, :0]))
+
+
+@interp
+def test_interp_zz_as_the_op_kernel_passes_opcheck():
+    # Installs the kernel for "cpu" in the interpreter child, so it runs last (file order) and
+    # the child process ends with it; the parent process never sees this registration.
+    squeeze = pytest.importorskip("tokenreduce.ops.squeeze", reason="ops/squeeze.py not written yet")
+    from tokenreduce.ops.squeeze_triton import _cuda_kernel, squeeze_triton
+
+    squeeze.squeeze_op.register_kernel("cpu", _cuda_kernel)
+    op = torch.ops.tokenreduce.squeeze.default
+    r, p = randn(2, 9, 20, seed=800), randn(2, 6, 20, seed=801)
+    assert torch.equal(op(r, p), squeeze_triton(r, p))
+    assert torch.equal(squeeze.squeeze(r, p), squeeze_triton(r, p))
+    # With inputs requiring grad, opcheck runs all its checks (schema, fake, autograd, aot).
+    torch.library.opcheck(op, (r.clone().requires_grad_(), p.clone().requires_grad_()))
+    torch.library.opcheck(op, (r, p[:, :0]))
+    # fp64 is not a kernel dtype: the registered kernel falls back to the reference.
+    torch.testing.assert_close(_cuda_kernel(r.double(), p.double()), squeeze.squeeze_reference(r.double(), p.double()), rtol=0, atol=0)
