@@ -5,6 +5,7 @@ Protocol: /work/shared/docs/benchmarks.md.  Timing lives here and in the scripts
     gflops(model, x)                     multiply-adds of one image, FlopCounterMode / 2e9
     time_cuda(fn, iters, warmup, repeats) median ms per call, CUDA events
     time_cpu(fn, iters, warmup, repeats)  median ms per call, time.perf_counter
+    time_cpu_round_robin(fns, ...)       ms per call of several fns timed in turns, per repeat
     limit_counts(n, rho, sites)          the DynamicViT keep counts int(n * rho ** s)
     LimitModel / build_limit(...)        the "limit": unmodified blocks on the reduced counts
     environment()                        device and library versions for the report
@@ -16,7 +17,7 @@ import datetime
 import platform
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ __all__ = [
     "gflops",
     "limit_counts",
     "time_cpu",
+    "time_cpu_round_robin",
     "time_cuda",
 ]
 
@@ -87,6 +89,29 @@ def time_cpu(fn: Callable[[], object], iters: int = 30, warmup: int = 10, repeat
             fn()
         per_call.append((time.perf_counter() - t0) * 1e3 / iters)
     return statistics.median(per_call)
+
+
+def time_cpu_round_robin(
+    fns: Mapping[str, Callable[[], object]], iters: int = 2, warmup: int = 1, repeats: int = 5
+) -> dict[str, list[float]]:
+    """ms per call of each of ``fns``, one entry per repeat, the functions timed in turns.
+
+    Each repeat times every function (``iters`` calls each) before the next repeat starts, so a
+    burst of load from other processes on a shared CPU falls on all variants alike instead of on
+    whichever happened to be running.  ``warmup`` untimed rounds come first.  Take the median for
+    the report; the spread of the list shows the noise.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    per_call: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            per_call[name].append((time.perf_counter() - t0) * 1e3 / iters)
+    return per_call
 
 
 def limit_counts(n: int, rho: float, num_sites: int) -> list[int]:
@@ -191,3 +216,37 @@ def environment(device: torch.device) -> dict:
         info["device"] = platform.processor() or platform.machine()
         info["cpu_threads"] = torch.get_num_threads()
     return info
+
+
+class TruncateSite(nn.Module):
+    """Zero-cost stand-in for a ``ReductionSite``: keep the first ``P + k`` tokens (plus the
+    reducer's appended token), with the site's own placement and count rule. No scoring, no
+    gather, no merge: ``x[:, :P + k]`` is a view."""
+
+    def __init__(self, site: nn.Module) -> None:
+        super().__init__()
+        self.num_prefix, self.ratio, self.counts, self.extra = site.num_prefix, site.ratio, site.counts, site.extra
+
+    def forward(self, x, state, q=None, k=None, scale=None, probs=None):
+        from tokenreduce.plan import keep_count
+        from tokenreduce.site import TokenState
+
+        n = x.shape[1] - self.num_prefix
+        n_ref = n if state is None else state.n_ref
+        keep = keep_count(self.counts, self.ratio, n, n_ref)
+        return x[:, : self.num_prefix + keep + self.extra], TokenState(pos=None, keep=None, n_ref=n_ref)
+
+
+def limit_of(reduced: nn.Module) -> nn.Module:
+    """The exact limit of a reduced model from ``tokenreduce.apply``: the same graph, sites,
+    placement and token counts, with every site replaced by :class:`TruncateSite`. Mutates and
+    returns ``reduced`` (pass a fresh one)."""
+    sites = reduced.get_submodule("reduce_sites")
+    for i in range(len(sites)):
+        sites[i] = TruncateSite(sites[i])
+    return reduced
+
+
+def limit_family(method: str) -> str:
+    """Methods whose limits coincide (same placement and counts) share one limit variant."""
+    return {"dynamicvit": "dtps"}.get(method, method)

@@ -8,7 +8,7 @@ FlopCounterMode on one image (multiply-adds); peak memory per variant; the *limi
 blocks on the reduced token counts, free selection and merging) measured side by side:
 ``efficiency = reduced img/s / limit img/s``.
 
-Variants per model: dense, limit@rho, and ``tokenreduce.apply(model, method, locs, rho)`` for
+Variants per model: dense, limit[m]@rho (method m's own plan with free sites), and ``tokenreduce.apply(model, method, locs, rho)`` for
 each method and rho.  Three kinds of measurement:
 
     A  build, GFLOPs, eager batch-B throughput and peak memory, eager batch-1 latency
@@ -49,7 +49,7 @@ _T0 = time.time()  # the budget counts from process start, torch's import includ
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import build_limit, environment, gflops, time_cpu, time_cuda  # noqa: E402
+from _common import environment, gflops, limit_family, limit_of, time_cpu, time_cuda  # noqa: E402
 
 DEFAULT_MODELS = ("deit_small_patch16_224", "deit_tiny_patch16_224", "deit_base_patch16_224", "pvt_tiny")
 DEFAULT_METHODS = ("etps", "evit", "dtps", "dynamicvit")
@@ -69,7 +69,7 @@ def log(msg: str) -> None:
 @dataclass(frozen=True)
 class Variant:
     kind: str  # "dense" | "limit" | "reduced"
-    method: str | None = None
+    method: str | None = None  # for a limit: the method whose plan it mirrors
     ratio: float | None = None
 
     @property
@@ -77,15 +77,17 @@ class Variant:
         if self.kind == "dense":
             return "dense"
         if self.kind == "limit":
-            return f"limit@{self.ratio:g}"
+            return f"limit[{self.method}]@{self.ratio:g}"
         return f"{self.method}@{self.ratio:g}"
 
 
 def parse_variant(name: str) -> Variant:
     if name == "dense":
         return Variant("dense")
-    method, _, ratio = name.partition("@")
-    return Variant("limit" if method == "limit" else "reduced", None if method == "limit" else method, float(ratio))
+    head, _, ratio = name.partition("@")
+    if head.startswith("limit["):
+        return Variant("limit", head[len("limit["):-1], float(ratio))
+    return Variant("reduced", head, float(ratio))
 
 
 def is_hybrid(model_name: str) -> bool:
@@ -113,7 +115,7 @@ class Bench:
         self.meta["protocol"] = {
             "autocast": "bfloat16", "batch": args.batch, "image_size": args.img_size,
             "iters": args.iters, "warmup": args.warmup, "repeats": args.repeats,
-            "limit_counting": "int(n * rho**s), cut before the site block",
+            "limit_counting": "each method's own plan (sites, placement, counts), sites replaced by x[:, :P + k]",
             "peak_mib": "parameters + buffers + input + the largest extra allocation while timing",
         }
         os.makedirs(args.out, exist_ok=True)
@@ -203,7 +205,13 @@ class Bench:
         if variant.kind == "dense":
             m = base
         elif variant.kind == "limit":
-            m = build_limit(base, self.args.locs, variant.ratio, self.args.img_size).eval()
+            import tokenreduce
+
+            if is_hybrid(model_name):
+                raise TypeError(f"the limit is not defined for {model_name}: truncating breaks its grids")
+            # the method's own plan (sites, placement, counts) with zero-cost truncation sites
+            m = limit_of(tokenreduce.apply(base, method=variant.method, locs=self.locs(model_name),
+                                           keep_ratio=variant.ratio)).eval()
         else:
             import tokenreduce
 
@@ -215,7 +223,8 @@ class Bench:
 
     def variants(self) -> list[Variant]:
         out = [Variant("dense")]
-        out += [Variant("limit", ratio=r) for r in self.args.ratios]
+        families = sorted({limit_family(m) for m in self.args.methods})
+        out += [Variant("limit", f, r) for f in families for r in self.args.ratios]
         out += [Variant("reduced", m, r) for m in self.args.methods for r in self.args.ratios]
         return out
 
@@ -396,7 +405,7 @@ class Bench:
                         cm(self.x)
                     self.sync()
             table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=80)
-            path = os.path.join(self.args.out, f"profile-{model_name}-{variant.name}.txt")
+            path = os.path.join(self.args.out, re.sub(r"[^A-Za-z0-9._-]", "_", f"profile_{model_name}-{variant.name}.txt"))
             with open(path, "w") as f:
                 f.write(table + "\n")
             kernels: dict[str, float] = {}
@@ -429,7 +438,9 @@ class Bench:
     def derived(self, row: dict) -> dict:
         out = dict(row)
         dense = self.rows.get((row["model"], "dense"), {})
-        limit = self.rows.get((row["model"], f"limit@{row['keep_ratio']:g}"), {}) if row["keep_ratio"] else {}
+        limit = {}
+        if row["kind"] == "reduced" and row["keep_ratio"]:
+            limit = self.rows.get((row["model"], f"limit[{limit_family(row['method'])}]@{row['keep_ratio']:g}"), {})
         for mode in ("eager", "compiled"):
             v = row.get(f"{mode}_img_s")
             d = dense.get(f"{mode}_img_s")
@@ -469,8 +480,8 @@ class Bench:
                 f"triton {m.get('triton')} | {m.get('date')} | batch {self.args.batch}, bf16 autocast, "
                 f"median of {self.args.repeats} x {self.args.iters} iters | Triton squeeze: "
                 f"{m.get('triton_squeeze')}")
-        foot = ("Limit: unmodified blocks on int(n * rho^s) patch tokens, cut before blocks "
-                f"{list(self.args.locs)}. Peak MiB: eager, batch {self.args.batch}, parameters + input + "
+        foot = ("Limit[m]: method m's own plan (same sites, placement and token counts) with every "
+                "site replaced by a free cut x[:, :P + k]; dynamicvit shares dtps's. Peak MiB: eager, batch {self.args.batch}, parameters + input + "
                 "largest extra allocation. "
                 "Efficiency: reduced / limit img/s at the same rho (compiled unless marked).")
         return "\n".join([head, "", *lines, "", foot] + (["", "Notes:", *notes] if notes else []))

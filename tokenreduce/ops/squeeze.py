@@ -31,6 +31,7 @@ Training form (dTPS, fixed length, straight-through masks)::
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -187,7 +188,25 @@ def squeeze(reserved: Tensor, pruned: Tensor) -> Tensor:
     check_token_pair("squeeze", reserved, pruned)
     if pruned.shape[1] == 0:
         return reserved
+    if INLINE_UNDER_COMPILE and torch.compiler.is_compiling():
+        # Inductor sees the plain ops and fuses them with their neighbours (see set_squeeze_impl).
+        return squeeze_reference(reserved, pruned)
     return torch.ops.tokenreduce.squeeze(reserved, pruned)
+
+
+# How `squeeze` runs under torch.compile: False keeps the custom operator (one opaque node, served
+# by the registered kernel, e.g. the Triton one on CUDA); True inlines the reference so Inductor
+# can fuse it. Eager always uses the operator. Default from TOKENREDUCE_SQUEEZE=op|inline.
+INLINE_UNDER_COMPILE = os.environ.get("TOKENREDUCE_SQUEEZE", "op") == "inline"
+
+
+def set_squeeze_impl(impl: str) -> None:
+    """Choose how ``squeeze`` compiles: ``"op"`` (the custom operator and its kernel) or
+    ``"inline"`` (the reference's plain ops, fused by Inductor). Call before ``torch.compile``."""
+    global INLINE_UNDER_COMPILE
+    if impl not in ("op", "inline"):
+        raise ValueError(f"set_squeeze_impl: impl must be 'op' or 'inline', got {impl!r}")
+    INLINE_UNDER_COMPILE = impl == "inline"
 
 
 def squeeze_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
