@@ -481,7 +481,8 @@ class Bench:
                 f"median of {self.args.repeats} x {self.args.iters} iters | Triton squeeze: "
                 f"{m.get('triton_squeeze')}")
         foot = ("Limit[m]: method m's own plan (same sites, placement and token counts) with every "
-                "site replaced by a free cut x[:, :P + k]; dynamicvit shares dtps's. Peak MiB: eager, batch {self.args.batch}, parameters + input + "
+                "site replaced by a free cut x[:, :P + k]; dynamicvit shares dtps's. Peak MiB: eager, "
+                f"batch {self.args.batch}, parameters + input + "
                 "largest extra allocation. "
                 "Efficiency: reduced / limit img/s at the same rho (compiled unless marked).")
         return "\n".join([head, "", *lines, "", foot] + (["", "Notes:", *notes] if notes else []))
