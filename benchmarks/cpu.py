@@ -12,11 +12,13 @@ before and after is printed so a noisy run shows as one.
 Variants per model, at each keep ratio rho:
 
     dense        the model as timm builds it (random weights: speed does not depend on them)
-    limit@rho    plain ViTs only: the unmodified blocks on int(n * rho^s) patch tokens, cut
-                 before blocks --locs (_common.build_limit); the cost floor of any reduction
+    limit[M]@rho plain ViTs only: method M's own plan (sites, placement, token counts) with every
+                 site replaced by a free truncation x[:, :P + k] (_common.limit_of): the cost
+                 floor of that reduction; DynamicViT shares dTPS's (same counts and placement)
     METHOD@rho   tokenreduce.apply(model, METHOD, locs, rho)
 
-``vs dense`` = img/s / dense img/s; ``vs limit`` = img/s / limit img/s at the same rho.
+``vs dense`` = img/s / dense img/s; ``vs limit`` = img/s / img/s of the method's limit at the
+same rho.
 Hybrid backbones (``pvt_*``, ``cvt_*``) have no single token sequence to cut, so their limit is
 not defined (``n/a``); they take the library's default sites, methods dtps and dynamicvit, and
 the papers' keep ratios (0.7 for PVT, 0.5 for CvT) unless --methods / --ratios say otherwise.
@@ -43,7 +45,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import build_limit, environment, gflops, time_cpu_round_robin  # noqa: E402
+from _common import environment, gflops, limit_family, limit_of, time_cpu_round_robin  # noqa: E402
 
 VIT_METHODS = ("etps", "evit", "dtps", "dynamicvit")
 HYBRID_METHODS = ("dtps", "dynamicvit")  # eTPS / EViT score by the class token, which PVT/CvT lack
@@ -93,6 +95,11 @@ def plan_for(model_name: str, args: argparse.Namespace) -> tuple[list[str], list
     return args.methods or list(VIT_METHODS), args.ratios or [VIT_RATIO], list(args.locs)
 
 
+def tokens_after_sites(reduced: torch.nn.Module) -> list[int]:
+    """Tokens in the stream (prefix included) right after each site of a tokenreduce plan."""
+    return [s.num_prefix + s.n_out for s in reduced.meta["tokenreduce"].plan.sites]
+
+
 def build_variants(model_name: str, args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """The modules to time (name -> module) and one report row per variant, errors recorded."""
     import timm
@@ -102,25 +109,36 @@ def build_variants(model_name: str, args: argparse.Namespace) -> tuple[dict, lis
     if is_hybrid(model_name):
         import tokenreduce.backbones  # noqa: F401  (registers pvt_* / cvt_* with timm)
     methods, ratios, locs = plan_for(model_name, args)
+    size = args.img_size
+    example = torch.randn(2, 3, size, size)
     torch.manual_seed(0)
-    dense = timm.create_model(model_name, pretrained=False).eval()
+    try:  # a ViT's position embedding is sized by img_size; CvT's convolutional stem takes no such argument
+        dense = timm.create_model(model_name, pretrained=False, **({} if size == 224 else {"img_size": size}))
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        dense = timm.create_model(model_name, pretrained=False)
+    dense.eval()
     modules = {"dense": dense}
     rows = [{"model": model_name, "variant": "dense", "kind": "dense", "method": None, "ratio": None,
              "locs": None, "tokens": None}]
-    for rho in ratios:
-        row = {"model": model_name, "variant": f"limit@{rho:g}", "kind": "limit", "method": None,
-               "ratio": rho, "locs": locs, "tokens": None}
-        rows.append(row)
-        if is_hybrid(model_name):
-            row["error"] = "n/a: no single token sequence to cut in a hybrid"
-            continue
-        try:
-            limit = build_limit(dense, locs, rho, args.img_size).eval()
-        except (TypeError, ValueError) as err:
-            row["error"] = f"n/a: {short_error(err)}"
-            continue
-        row["tokens"] = [limit.num_prefix + limit.cut[s] for s in sorted(limit.cut)]
-        modules[row["variant"]] = limit
+    for family in sorted({limit_family(m) for m in methods}):
+        for rho in ratios:
+            row = {"model": model_name, "variant": f"limit[{family}]@{rho:g}", "kind": "limit",
+                   "method": family, "ratio": rho, "locs": locs, "tokens": None}
+            rows.append(row)
+            if is_hybrid(model_name):
+                row["error"] = "n/a: not defined for a hybrid (truncating tokens breaks its grids)"
+                continue
+            try:
+                torch.manual_seed(0)
+                limit = limit_of(tokenreduce.apply(dense, method=family, locs=locs, keep_ratio=rho,
+                                                 example_input=example)).eval()
+            except Exception as err:  # noqa: BLE001 - the method's own row records why
+                row["error"] = f"n/a: {short_error(err)}"
+                continue
+            row["tokens"] = tokens_after_sites(limit)
+            modules[row["variant"]] = limit
     for method in methods:
         for rho in ratios:
             row = {"model": model_name, "variant": f"{method}@{rho:g}", "kind": "reduced", "method": method,
@@ -128,13 +146,13 @@ def build_variants(model_name: str, args: argparse.Namespace) -> tuple[dict, lis
             rows.append(row)
             try:
                 torch.manual_seed(0)  # dTPS / DynamicViT score heads: the same random init every run
-                reduced = tokenreduce.apply(dense, method=method, locs=locs, keep_ratio=rho).eval()
+                reduced = tokenreduce.apply(dense, method=method, locs=locs, keep_ratio=rho,
+                                            example_input=example).eval()
             except Exception as err:  # noqa: BLE001 - recorded in the row, the run goes on
                 row["error"] = f"unsupported: {short_error(err)}"
                 continue
-            plan = reduced.meta["tokenreduce"].plan
-            row["tokens"] = [s.num_prefix + s.n_out for s in plan.sites]
-            row["sites"] = [s.path for s in plan.sites]
+            row["tokens"] = tokens_after_sites(reduced)
+            row["sites"] = [s.path for s in reduced.meta["tokenreduce"].plan.sites]
             modules[row["variant"]] = reduced
     return modules, rows
 
@@ -180,7 +198,8 @@ def measure(model_name: str, args: argparse.Namespace) -> list[dict]:
     dense = by_name["dense"].get("img_s")
     for row in rows:
         v = row.get("img_s")
-        limit = by_name.get(f"limit@{row['ratio']:g}", {}).get("img_s") if row["ratio"] else None
+        limit = (by_name.get(f"limit[{limit_family(row['method'])}]@{row['ratio']:g}", {}).get("img_s")
+                 if row["kind"] == "reduced" else None)
         row["vs_dense"] = v / dense if v and dense else None
         row["vs_limit"] = v / limit if v and limit and row["kind"] == "reduced" else None
     return rows
@@ -215,10 +234,9 @@ def markdown(rows: list[dict], meta: dict, args: argparse.Namespace) -> str:
         )
         if "error" in r:
             notes.append(f"- {r['model']} {r['variant']}: {r['error']}")
-    foot = ["", "vs dense: img/s ratio to the dense model of the same run. vs limit: img/s ratio to limit@rho "
-                "(unmodified blocks on int(n * rho^s) patch tokens cut before the sites; eTPS/EViT cut after "
-                "the site's attention and keep 1-2 tokens more, so their exact floor is slightly costlier). "
-                "Hybrids: limit not defined (n/a)."]
+    foot = ["", "vs dense: img/s ratio to the dense model of the same run. vs limit: img/s ratio to the "
+                "method's limit at the same rho (its own plan, every site a free truncation x[:, :P + k]; "
+                "dynamicvit uses limit[dtps]). Hybrids: limit not defined (n/a)."]
     model, rho, want = TARGET
     hits = [r for r in rows if r["model"] == model and r["kind"] == "reduced" and r["ratio"] == rho
             and r.get("vs_dense")]

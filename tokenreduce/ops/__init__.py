@@ -3,6 +3,8 @@
 The public API is ``__all__``; the module layout behind it may change.
 """
 
+import os
+
 from .grid import scatter_to_grid
 from .attention import cls_attention, policy_attention, policy_softmax
 from .reduce import drop, fuse_one
@@ -35,3 +37,10 @@ __all__ = [
     "scatter_to_grid",
     "topk_split",
 ]
+
+# On CUDA with Triton installed, the fused Triton kernel serves tokenreduce::squeeze (the reference
+# keeps serving other devices). TOKENREDUCE_TRITON=0 opts out.
+if os.environ.get("TOKENREDUCE_TRITON", "1") != "0":
+    from .squeeze_triton import register_cuda_kernel
+
+    register_cuda_kernel()
