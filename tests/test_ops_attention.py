@@ -27,7 +27,9 @@ def test_cls_attention_is_class_row_of_full_attention(num_prefix, dtype):
     expected = full[:, :, 0, num_prefix:].mean(dim=1)  # (B, N - P)
     out = cls_attention(q, k, scale, num_prefix)
     assert out.dtype == torch.float32 and out.shape == (2, 7 - num_prefix)
-    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-6)
+    # bf16: the q.k product is rounded to bf16 (fp32 accumulation), the softmax is float32
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected.float(), **tol)
 
 
 @settings(max_examples=50)

@@ -37,7 +37,6 @@ def cls_attention(q: Tensor, k: Tensor, scale: float, num_prefix: int) -> Tensor
     if not 0 <= num_prefix < N:
         raise ValueError(f"{op}: `num_prefix` must satisfy 0 <= num_prefix < N = {N} "
                          f"(at least one patch token), got {num_prefix}")
-    # Upcasting one query row and k is cheap (O(N d)) and keeps bf16 scores rankable.
     # The product runs in the input dtype (fp32 accumulation inside the matmul) and is upcast
     # after: upcasting k first would copy all of K at every site, in bf16 inference a real cost.
     logits = (q[:, :, :1] @ k.transpose(-2, -1)).float() * scale  # (B, H, 1, N)
