@@ -108,3 +108,14 @@ def test_aux_masks_count_the_kept_tokens_in_eval():
             assert (k.sum(1) <= site.keep).all() and (k.sum(1) >= site.keep - site.extra * 3).all()
         alive = [k.sum(1) for k in keeps]
         assert all((a >= b).all() for a, b in zip(alive, alive[1:]))
+
+
+def test_flops_of_deit_small_match_the_papers():
+    """Multiply-adds at 224 px, locs [3, 6, 9], keep 0.7 (tps-reference Sec. 5), attention
+    included on CPU (tokenreduce.flops registers the formula where torch lacks it)."""
+    model, _ = build(DEIT_S, (1, 3, 224, 224))
+    expected = {"dtps": 2.9, "dynamicvit": 2.9, "evit": 3.0, "etps": 3.0}
+    for method, gflops in expected.items():
+        s = tokenreduce.summary(tokenreduce.apply(model, method=method, locs=[3, 6, 9], keep_ratio=0.7))
+        assert abs(s.gflops_dense - 4.6) / 4.6 < 0.01
+        assert abs(s.gflops_reduced - gflops) / gflops < 0.03, (method, s.gflops_reduced)
