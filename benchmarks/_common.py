@@ -21,7 +21,6 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "LimitModel",
@@ -36,25 +35,12 @@ __all__ = [
 
 
 def gflops(model: nn.Module, x: torch.Tensor) -> float:
-    """Multiply-adds (in G, i.e. FLOPs / 2e9) of one eval forward of ``model`` on ``x[:1]``.
+    """Multiply-adds (in G, i.e. FLOPs / 2e9) of one eval forward of ``model`` on ``x[:1]``:
+    tokenreduce's counter, which adds the formulas torch lacks (CPU flash attention before torch
+    2.6, the ``tokenreduce::squeeze`` custom op)."""
+    from tokenreduce.flops import gflops as count
 
-    Uses tokenreduce's counter when it is importable: it adds FlopCounterMode formulas that torch
-    lacks (CPU flash attention before torch 2.6, the ``tokenreduce::squeeze`` custom op).
-    """
-    try:
-        from tokenreduce.flops import gflops as _tokenreduce_gflops
-    except ImportError:
-        _tokenreduce_gflops = None
-    if _tokenreduce_gflops is not None:
-        return _tokenreduce_gflops(model, x)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x[:1])
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() / 2e9
+    return count(model, x)
 
 
 def time_cuda(fn: Callable[[], object], iters: int = 30, warmup: int = 10, repeats: int = 5) -> float:

@@ -181,7 +181,7 @@ def measure(model_name: str, args: argparse.Namespace) -> list[dict]:
         fns = {name: (lambda m=m: m(x)) for name, m in modules.items()}
         try:
             per_call = time_cpu_round_robin(fns, iters=args.iters, warmup=args.warmup, repeats=args.repeats)
-        except Exception as err:  # noqa: BLE001 - find the variant that fails, time the rest
+        except Exception:  # noqa: BLE001 - find the variant that fails, time the rest
             traceback.print_exc()
             per_call = {}
             for name, fn in fns.items():

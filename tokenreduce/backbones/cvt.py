@@ -32,10 +32,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, QuickGELU, calculate_drop_path_rates, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ._common import default_cfg as _cfg, init_linear
 from .checkpoint import checkpoint_filter_fn
 
 __all__ = ["ConvolutionalVisionTransformer"]
@@ -345,7 +345,7 @@ class ConvolutionalVisionTransformer(nn.Module):
         for stage in self.stages:
             if stage.cls_token is not None:
                 trunc_normal_(stage.cls_token, std=0.02)
-        self.apply(_init_linear)
+        self.apply(init_linear)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -392,13 +392,6 @@ class ConvolutionalVisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 def _create_cvt(variant: str, pretrained: bool = False, **kwargs) -> ConvolutionalVisionTransformer:
     return build_model_with_cfg(
         ConvolutionalVisionTransformer,
@@ -409,31 +402,13 @@ def _create_cvt(variant: str, pretrained: bool = False, **kwargs) -> Convolution
     )
 
 
-def _cfg(url: str = "", **kwargs):
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stages.0.patch_embed.proj",
-        "classifier": "head",
-        "fixed_input_size": False,
-        "license": "mit",
-        **kwargs,
-    }
-
-
 # No hosted weights: the authors' ImageNet-1k checkpoints (github.com/microsoft/CvT) are not on
 # the HF hub; load one with pretrained_cfg_overlay=dict(file=path) and it is remapped by
 # checkpoint_filter_fn.
 default_cfgs = generate_default_cfgs(
     {
-        "cvt_13.in1k": _cfg(),
-        "cvt_21.in1k": _cfg(),
+        "cvt_13.in1k": _cfg(license="mit"),
+        "cvt_21.in1k": _cfg(license="mit"),
     }
 )
 

@@ -25,10 +25,10 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ._common import default_cfg as _cfg, init_linear
 from .checkpoint import checkpoint_filter_fn
 
 __all__ = ["PyramidVisionTransformer"]
@@ -321,7 +321,7 @@ class PyramidVisionTransformer(nn.Module):
             trunc_normal_(stage.pos_embed, std=0.02)
             if stage.cls_token is not None:
                 trunc_normal_(stage.cls_token, std=0.02)
-        self.apply(_init_linear)
+        self.apply(init_linear)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -367,13 +367,6 @@ class PyramidVisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 def _create_pvt(variant: str, pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
     return build_model_with_cfg(
         PyramidVisionTransformer,
@@ -384,33 +377,15 @@ def _create_pvt(variant: str, pretrained: bool = False, **kwargs) -> PyramidVisi
     )
 
 
-def _cfg(url: str = "", **kwargs):
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stages.0.patch_embed.proj",
-        "classifier": "head",
-        "fixed_input_size": False,
-        "license": "apache-2.0",
-        **kwargs,
-    }
-
-
 # No hosted weights: the authors' ImageNet-1k checkpoints (github.com/whai362/PVT) are not on the
 # HF hub; load one with pretrained_cfg_overlay=dict(file=path) and it is remapped by
 # checkpoint_filter_fn.
 default_cfgs = generate_default_cfgs(
     {
-        "pvt_tiny.in1k": _cfg(),
-        "pvt_small.in1k": _cfg(),
-        "pvt_medium.in1k": _cfg(),
-        "pvt_large.in1k": _cfg(),
+        "pvt_tiny.in1k": _cfg(license="apache-2.0", crop_pct=0.9),
+        "pvt_small.in1k": _cfg(license="apache-2.0", crop_pct=0.9),
+        "pvt_medium.in1k": _cfg(license="apache-2.0", crop_pct=0.9),
+        "pvt_large.in1k": _cfg(license="apache-2.0", crop_pct=0.9),
     }
 )
 
