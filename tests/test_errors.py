@@ -113,3 +113,8 @@ def test_a_model_without_attention():
 def test_missing_example_input():
     with pytest.raises(ValueError, match="example_input: TinyViT has no timm pretrained_cfg"):
         tokenreduce.apply(TinyViT())
+
+
+def test_attention_scorer_before_the_block_is_refused():
+    with pytest.raises(ValueError, match="reads the block's attention, which exists only after it has run"):
+        tokenreduce.register_method(tokenreduce.Method("early_cls", "cls_attention", "squeeze", "before", "per_site"))

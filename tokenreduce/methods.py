@@ -149,6 +149,11 @@ def register_method(method: Method) -> Method:
         raise ValueError(f"register_method: unknown scorer {method.scorer!r}; known: {sorted(SCORERS)}")
     if method.reducer not in REDUCERS:
         raise ValueError(f"register_method: unknown reducer {method.reducer!r}; known: {sorted(REDUCERS)}")
+    if SCORERS[method.scorer].needs_attention and method.placement != "after_attn":
+        raise ValueError(
+            f"register_method: scorer {method.scorer!r} reads the block's attention, which exists only "
+            f"after it has run; use placement='after_attn' (or a scorer that needs no attention)"
+        )
     if SCORERS[method.scorer].learned and method.reducer not in MASKED_REDUCERS:
         raise ValueError(
             f"register_method: reducer {method.reducer!r} has no fixed-length training form, which a "

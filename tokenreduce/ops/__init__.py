@@ -17,6 +17,7 @@ from .squeeze import (
     squeeze_masked,
     squeeze_op,
     squeeze_reference,
+    set_squeeze_impl,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "squeeze_op",
     "squeeze_reference",
     "scatter_to_grid",
+    "set_squeeze_impl",
     "topk_split",
 ]
 
