@@ -153,9 +153,10 @@ class Summary:
     plan: Plan
 
     def __str__(self) -> str:
-        lines = [self.plan.table(), "", "block  path" + " " * 12 + "attn tokens  mlp tokens"]
+        width = max(len("path"), *(len(path) for _, path, _, _ in self.rows))
+        lines = [self.plan.table(), "", f"{'block':<5}  {'path':<{width}}  attn tokens  mlp tokens"]
         for i, path, na, nm in self.rows:
-            lines.append(f"{i:<5}  {path:<16}{na:>11}  {nm:>10}")
+            lines.append(f"{i:<5}  {path:<{width}}  {na:>11}  {nm:>10}")
         lines += [
             "",
             f"GFLOPs (multiply-adds, 1 image): dense {self.gflops_dense:.3f}  reduced {self.gflops_reduced:.3f}"

@@ -6,7 +6,7 @@ import networkx as nx
 import torch.fx as fx
 
 from ..errors import TokenReduceError
-from .graph import data_args, is_add, is_cat, node_path, shape_of
+from .graph import data_args, data_graph, is_add, is_cat, node_path, shape_of
 from .model_map import Attention, Block
 
 __all__ = ["find_blocks"]
@@ -79,11 +79,7 @@ def find_blocks(gm: fx.GraphModule, attentions: list[Attention]) -> tuple[list[B
     Returns the blocks and notes on attention that could not be placed in a block.
     """
     graph = gm.graph
-    g = nx.DiGraph()
-    for node in graph.nodes:
-        g.add_node(node)
-        for a in data_args(node):
-            g.add_edge(a, node)
+    g = data_graph(graph)
     order = {n: i for i, n in enumerate(graph.nodes)}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     image = nx.descendants(g, placeholders[0]) | {placeholders[0]}

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import data_args, shape_of
+from .graph import data_args, data_graph, shape_of
 from .model_map import Block
 
 __all__ = ["ToGrid", "FromGrid", "find_spatial"]
@@ -76,11 +76,7 @@ def _stage_of(node: fx.Node, blocks: tuple[Block, ...], order: dict) -> int:
 def find_spatial(gm: fx.GraphModule, blocks: tuple[Block, ...]) -> tuple[tuple[ToGrid, ...], tuple[FromGrid, ...]]:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    dg = nx.DiGraph()
-    for node in graph.nodes:
-        dg.add_node(node)
-        for a in data_args(node):
-            dg.add_edge(a, node)
+    dg = data_graph(graph)
     image = nx.descendants(dg, next(n for n in graph.nodes if n.op == "placeholder"))
     to_grid: list[ToGrid] = []
     for node in graph.nodes:

@@ -27,7 +27,12 @@ def graph_pass(fn: Callable[..., fx.GraphModule]) -> Callable[..., fx.GraphModul
         except TokenReduceError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise TokenReduceError(f"pass {fn.__name__} failed: {type(exc).__name__}: {exc}") from exc
+            node = getattr(exc, "node", None)  # fx lint errors and some passes carry the node
+            where = f" at {node.format_node()}" if isinstance(node, fx.Node) else ""
+            raise TokenReduceError(
+                f"pass {fn.__name__} failed{where}: {type(exc).__name__}: {exc}. This is a tokenreduce "
+                f"bug or an unsupported graph shape; tokenreduce.inspect(model) shows what analysis found."
+            ) from exc
         return out
 
     return run
