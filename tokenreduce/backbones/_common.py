@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import nn
 
-__all__ = ["init_linear", "default_cfg"]
+__all__ = ["init_linear", "default_cfg", "ClassTokenHead"]
+
+
+class ClassTokenHead:
+    """timm's classifier interface for a backbone whose ``forward_features`` returns normalised
+    (B, 1 + N, C) tokens with the class token first. The host module defines ``head``,
+    ``head_drop``, ``norm``, ``num_features``, ``num_classes``, ``global_pool`` ("token" or "")."""
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^stages\.0\.patch_embed", blocks=r"^stages\.(\d+)")
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("token", ""):
+                raise ValueError(f"global_pool must be 'token' or '' (got {global_pool!r})")
+            self.global_pool = global_pool
+        ref = self.norm.weight
+        self.head = (
+            nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "token":
+            x = x[:, 0]  # class token
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def init_linear(m: nn.Module) -> None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, QuickGELU, calculate_drop_path_rates, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import default_cfg as _cfg, init_linear
+from ._common import ClassTokenHead, default_cfg as _cfg, init_linear
 from .checkpoint import checkpoint_filter_fn
 
 __all__ = ["ConvolutionalVisionTransformer"]
@@ -262,7 +262,7 @@ class CvtStage(nn.Module):
         return x, H, W
 
 
-class ConvolutionalVisionTransformer(nn.Module):
+class ConvolutionalVisionTransformer(ClassTokenHead, nn.Module):
     """CvT classifier: three :class:`CvtStage` s, final LayerNorm, linear head on the class token.
 
     ``forward_features``: (B, 3, H, W) -> (B, 1 + H/16 * W/16, C) normalised tokens;
@@ -351,26 +351,6 @@ class ConvolutionalVisionTransformer(nn.Module):
     def no_weight_decay(self):
         return {f"stages.{len(self.stages) - 1}.cls_token"}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False):
-        return dict(stem=r"^stages\.0\.patch_embed", blocks=r"^stages\.(\d+)")
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("token", ""):
-                raise ValueError(f"global_pool must be 'token' or '' (got {global_pool!r})")
-            self.global_pool = global_pool
-        ref = self.norm.weight
-        self.head = (
-            nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            if num_classes > 0
-            else nn.Identity()
-        )
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H_in, W_in) image -> (B, 1 + H*W, C) normalised last-stage tokens."""
         x, H, W = self.stages[0](x)
@@ -381,15 +361,6 @@ class ConvolutionalVisionTransformer(nn.Module):
             x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, H*W, C) -> (B, C, H, W)
             x, H, W = stage(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "token":
-            x = x[:, 0]  # class token
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_cvt(variant: str, pretrained: bool = False, **kwargs) -> ConvolutionalVisionTransformer:
