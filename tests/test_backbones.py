@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.fx
-from timm.layers import Mlp
+from tokenreduce.backbones._common import Mlp
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenreduce.backbones  # noqa: F401  (registers the models with timm)

@@ -53,15 +53,22 @@ def register_leaf_function(fn: F) -> F:
 
 
 def _timm_leaves() -> tuple[set[type], set[Callable]]:
-    try:
-        from timm.layers import DropPath, PatchDropout
-        from timm.layers import _fx as timm_fx
-    except ImportError:  # pragma: no cover - timm is a dependency, but stay usable without it
-        return set(), set()
+    from timm.layers import DropPath, PatchDropout, resample_abs_pos_embed
+
     # These branch on `self.training` in Python: traced through, the branch taken at trace time
     # would be frozen into the graph, so they stay opaque.
-    modules = {DropPath, PatchDropout} | set(getattr(timm_fx, "_leaf_modules", set()))
-    functions = set(getattr(timm_fx, "_autowrap_functions", set()))
+    modules: set[type] = {DropPath, PatchDropout}
+    # Branches on the runtime grid size (dynamic_img_size ViTs); timm wraps it only since ~1.0.9.
+    functions: set[Callable] = {resample_abs_pos_embed}
+    try:  # timm's own no-trace registries (timm.layers._fx; timm.models._features_fx before ~1.0.9)
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        try:
+            from timm.models import _features_fx as timm_fx
+        except ImportError:  # pragma: no cover
+            return modules, functions
+    modules |= set(getattr(timm_fx, "_leaf_modules", set()))
+    functions |= set(getattr(timm_fx, "_autowrap_functions", set()))
     return modules, functions
 
 

@@ -9,7 +9,37 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import nn
 
-__all__ = ["init_linear", "default_cfg", "ClassTokenHead"]
+__all__ = ["init_linear", "default_cfg", "ClassTokenHead", "Mlp", "QuickGELU", "stage_drop_path_rates"]
+
+
+class Mlp(nn.Module):
+    """fc1 -> act -> drop -> fc2 -> drop, (B, N, C) -> (B, N, C); timm's Mlp layout (same state-dict
+    keys) with factory kwargs, which timm's own Mlp takes only in recent releases."""
+
+    def __init__(self, dim: int, hidden: int, act_layer=nn.GELU, drop: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(dim, hidden, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+# Both below are in recent timm.layers, not in timm 1.0.x (which this package supports).
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``, the GELU approximation CvT's released weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def stage_drop_path_rates(rate: float, depths: list[int]) -> list[list[float]]:
+    """Stochastic-depth rates rising linearly from 0 to ``rate`` over all blocks, split by stage."""
+    return [x.tolist() for x in torch.linspace(0, rate, sum(depths)).split(depths)]
 
 
 class ClassTokenHead:

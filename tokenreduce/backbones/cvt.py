@@ -32,10 +32,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, QuickGELU, calculate_drop_path_rates, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import ClassTokenHead, default_cfg as _cfg, init_linear
+from ._common import ClassTokenHead, Mlp, QuickGELU, default_cfg as _cfg, init_linear, stage_drop_path_rates
 from .checkpoint import checkpoint_filter_fn
 
 __all__ = ["ConvolutionalVisionTransformer"]
@@ -310,7 +310,7 @@ class ConvolutionalVisionTransformer(ClassTokenHead, nn.Module):
         self.num_prefix_tokens = 1
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        dpr = stage_drop_path_rates(drop_path_rate, list(depths))
         stages, in_dim = [], in_chans
         for i in range(num_stages):
             stages.append(
