@@ -60,9 +60,32 @@ def test_aux_keep_ratios_learn_the_cumulative_targets():
     torch.testing.assert_close(means, targets, atol=0.06, rtol=0)
 
 
+_DYNAMIC_SHAPE_OPS = ("aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique")
+
+
+def _dynamic_shape_ops(traced):
+    """Nodes whose output shape depends on data: nonzero-like ops and boolean-mask indexing."""
+    found = []
+    for n in traced.graph.nodes:
+        inputs = []
+        torch.fx.node.map_arg(n.args, inputs.append)
+        if str(n.target).startswith(_DYNAMIC_SHAPE_OPS) or (
+            str(n.target).startswith("aten.index") and any(a.meta["val"].dtype == torch.bool for a in inputs)
+        ):
+            found.append(n)
+    return found
+
+
+def test_the_dynamic_shape_check_can_fail():
+    traced = make_fx(lambda x: x[x > 0].sum() + x.nonzero().shape[0])(torch.randn(5))
+    assert len(_dynamic_shape_ops(traced)) == 2
+
+
 def _square_softmaxes(gm, x):
-    """aten-level trace: the (B, H, N, N) attention matrices it materialises, and the fused calls."""
+    """aten-level trace: the (B, H, N, N) attention matrices it materialises, and the fused calls.
+    Also checks that no op with a data-dependent output shape appears (static token counts)."""
     traced = make_fx(gm)(x)
+    assert _dynamic_shape_ops(traced) == []
     found = []
     for n in traced.graph.nodes:
         val = n.meta.get("val")
