@@ -6,8 +6,7 @@ Protocol: /work/shared/docs/benchmarks.md.  Timing lives here and in the scripts
     time_cuda(fn, iters, warmup, repeats) median ms per call, CUDA events
     time_cpu(fn, iters, warmup, repeats)  median ms per call, time.perf_counter
     time_cpu_round_robin(fns, ...)       ms per call of several fns timed in turns, per repeat
-    limit_counts(n, rho, sites)          the DynamicViT keep counts int(n * rho ** s)
-    LimitModel / build_limit(...)        the "limit": unmodified blocks on the reduced counts
+    limit_of(reduced) / limit_family(m)  the exact "limit" of a reduced model: its own plan, free sites
     environment()                        device and library versions for the report
 """
 
@@ -17,17 +16,16 @@ import datetime
 import platform
 import statistics
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 __all__ = [
-    "LimitModel",
-    "build_limit",
     "environment",
     "gflops",
-    "limit_counts",
+    "limit_family",
+    "limit_of",
     "time_cpu",
     "time_cpu_round_robin",
     "time_cuda",
@@ -98,80 +96,6 @@ def time_cpu_round_robin(
                 fn()
             per_call[name].append((time.perf_counter() - t0) * 1e3 / iters)
     return per_call
-
-
-def limit_counts(n: int, rho: float, num_sites: int) -> list[int]:
-    """Patch tokens kept after each site, DynamicViT counting: ``int(n * rho ** s)``, s = 1, 2, ...
-
-    DeiT-S (n = 196) at rho 0.7: [137, 96, 67].  eTPS keeps ``ceil(rho * n_in)`` per site
-    (138 / 97 / 68) and EViT one fused token more, so their exact limit is ~1 % costlier.
-    """
-    return [int(n * rho**s) for s in range(1, num_sites + 1)]
-
-
-class LimitModel(nn.Module):
-    """The cost floor of a token-reduction plan: timm's ViT blocks, unmodified, on reduced tokens.
-
-    Before block ``sites[s]`` the sequence is cut to ``P + keep[s]`` tokens (``x[:, :P + k]``):
-    choosing and merging tokens cost nothing.  The cut happens *before* the site's block, so that
-    block's attention also runs on the reduced count.  DynamicViT/dTPS reduce there too; eTPS/EViT
-    reduce after the site block's attention, so their exact limit is slightly costlier (three
-    attentions on the longer sequence).
-
-    Shares ``vit``'s parameters; holds no state of its own.
-    """
-
-    def __init__(self, vit: nn.Module, sites: Sequence[int], keep: Sequence[int]) -> None:
-        super().__init__()
-        for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head"):
-            if not hasattr(vit, attr):
-                raise TypeError(
-                    f"LimitModel: vit must be a timm VisionTransformer-like model with `{attr}`; "
-                    f"got {type(vit).__name__}"
-                )
-        if len(sites) != len(keep):
-            raise ValueError(f"LimitModel: sites {list(sites)} and keep {list(keep)} differ in length")
-        if list(sites) != sorted(set(sites)) or not all(0 <= s < len(vit.blocks) for s in sites):
-            raise ValueError(
-                f"LimitModel: sites must be increasing block indices in [0, {len(vit.blocks)}); got {list(sites)}"
-            )
-        self.vit = vit
-        self.num_prefix = int(getattr(vit, "num_prefix_tokens", 1))
-        self.cut = dict(zip((int(s) for s in sites), (int(k) for k in keep)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        vit = self.vit
-        x = vit.patch_embed(x)
-        x = vit._pos_embed(x)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
-        for i, blk in enumerate(vit.blocks):
-            k = self.cut.get(i)
-            if k is not None:
-                x = x[:, : self.num_prefix + k]  # (B, P + k, C)
-            x = blk(x)
-        x = vit.norm(x)
-        return vit.forward_head(x)
-
-
-def build_limit(vit: nn.Module, sites: Sequence[int], rho: float, image_size: int = 224) -> LimitModel:
-    """``LimitModel`` for keep ratio ``rho`` at ``sites`` with DynamicViT counting (see limit_counts).
-
-    The patch count comes from ``vit.patch_embed`` (its grid at ``image_size``), not a constant.
-    Hybrids (PVT, CvT) have no single token sequence to cut: TypeError.
-    """
-    pe = getattr(vit, "patch_embed", None)
-    if pe is None or not hasattr(vit, "blocks"):
-        raise TypeError(
-            f"build_limit: the limit is defined for plain ViTs (patch_embed + blocks, timm's "
-            f"VisionTransformer); {type(vit).__name__} has no single token sequence to cut"
-        )
-    grid = getattr(pe, "grid_size", None)
-    if grid is None:
-        patch = pe.patch_size if isinstance(pe.patch_size, (tuple, list)) else (pe.patch_size,) * 2
-        grid = (image_size // patch[0], image_size // patch[1])
-    n = int(grid[0] * grid[1])
-    return LimitModel(vit, sites, limit_counts(n, rho, len(sites)))
 
 
 def environment(device: torch.device) -> dict:
