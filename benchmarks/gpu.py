@@ -99,6 +99,21 @@ def short_error(err: BaseException) -> str:
     return text[:400]
 
 
+def graphed(fn):
+    """``fn`` captured in a CUDA graph after warm-up calls (autotuning, compilation); returns the
+    replay, so timing it measures GPU time without Python launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -345,38 +360,52 @@ class Bench:
 
     # ------------------------------------------------------------------ squeeze kernel
     def squeeze_micro(self) -> None:
-        """The squeeze alone at the site shapes of DeiT-T/S/B (batch B): Triton vs reference."""
+        """One eTPS site's merge alone at DeiT-T/S/B's first-site shapes (batch B, class token,
+        n = 196 -> k = 137): the indexed Triton op against the plain reference (eager) and the
+        reference compiled by Inductor; fp32 is the dtype of the residual stream under autocast."""
         try:
-            from tokenreduce.ops.squeeze import squeeze_reference
-            from tokenreduce.ops.squeeze_triton import squeeze_triton
+            from tokenreduce.ops import topk_split
+            from tokenreduce.ops.squeeze import squeeze_tokens_reference
+            from tokenreduce.ops.squeeze_triton import squeeze_tokens_triton
         except Exception as err:  # noqa: BLE001
             self.extra["squeeze_micro"] = f"error: {short_error(err)}"
             return
         B, results = self.args.batch, []
+        n, k, P = 196, 137, 1
+        compiled_ref = torch.compile(squeeze_tokens_reference, dynamic=False)
         for C in (192, 384, 768):
-            for nr, npr in ((137, 59), (96, 41), (98, 98)):
-                for dtype in (torch.float32, torch.bfloat16):
-                    r = torch.randn(B, nr, C, device=self.device, dtype=dtype)
-                    p = torch.randn(B, npr, C, device=self.device, dtype=dtype)
-                    entry = {"shape": [B, nr, npr, C], "dtype": str(dtype).replace("torch.", "")}
-                    try:
-                        y, ref = squeeze_triton(r, p).float(), squeeze_reference(r.float(), p.float())
+            for dtype in (torch.float32, torch.bfloat16):
+                if dtype == torch.bfloat16 and C != 384:
+                    continue
+                x = torch.randn(B, P + n, C, device=self.device, dtype=dtype)
+                kept, pruned = topk_split(torch.randn(B, n, device=self.device), k)
+                entry = {"shape": [B, P, n, k, C], "dtype": str(dtype).replace("torch.", "")}
+                try:
+                    with torch.no_grad():
+                        y = squeeze_tokens_triton(x, kept, pruned, P).float()
+                        ref = squeeze_tokens_reference(x.float(), kept, pruned, P)
                         row_rel = (y - ref).norm(dim=-1) / ref.norm(dim=-1)
                         entry["rows_off_by_1pct"] = float((row_rel > 1e-2).float().mean())
-                        entry["median_row_rel_err"] = float(row_rel.median())
-                        with torch.no_grad():
-                            entry["triton_ms"] = time_cuda(lambda: squeeze_triton(r, p))
-                            entry["reference_ms"] = time_cuda(lambda: squeeze_reference(r, p))
-                    except Exception as err:  # noqa: BLE001
-                        entry["error"] = short_error(err)
-                    results.append(entry)
+                        # CUDA graphs: GPU time, without Python launch overhead.
+                        entry["triton_ms"] = time_cuda(graphed(lambda: squeeze_tokens_triton(x, kept, pruned, P)))
+                        entry["reference_ms"] = time_cuda(graphed(lambda: squeeze_tokens_reference(x, kept, pruned, P)))
+                        entry["inductor_ms"] = time_cuda(graphed(lambda: compiled_ref(x, kept, pruned, P)))
+                        scores = torch.randn(B, n, device=self.device)
+                        entry["topk_split_ms"] = time_cuda(graphed(lambda: topk_split(scores, k)))
+                        moved = x.element_size() * B * C * (P + n + P + k)  # read the stream, write the output
+                        entry["memory_floor_ms"] = moved / 3.3e12 * 1e3  # at ~3.3 TB/s achievable
+                except Exception as err:  # noqa: BLE001
+                    entry["error"] = short_error(err)
+                results.append(entry)
         self.extra["squeeze_micro"] = results
-        log("squeeze micro-benchmark (ms per call, Triton vs reference; rows off by >1%):")
+        log("site merge micro-benchmark (ms per call: Triton indexed / reference eager / reference "
+            "compiled / floor; topk_split; rows off by >1%):")
         for e in results:
             if "error" in e:
                 log(f"  {e['shape']} {e['dtype']}: {e['error']}")
             else:
-                log(f"  {e['shape']} {e['dtype']:>8}: {e['triton_ms']:.3f} vs {e['reference_ms']:.3f}"
+                log(f"  {e['shape']} {e['dtype']:>8}: {e['triton_ms']:.3f} / {e['reference_ms']:.3f} / "
+                    f"{e['inductor_ms']:.3f} / {e['memory_floor_ms']:.3f}; topk_split {e['topk_split_ms']:.3f}"
                     f"  ({e['rows_off_by_1pct']:.2%})")
         self.save()
 

@@ -22,6 +22,7 @@ from tokenreduce.ops import (
     squeeze_masked,
     topk_split,
 )
+from tokenreduce.ops.squeeze import squeeze_tokens
 
 
 def T(*shape, dtype=torch.float32):
@@ -92,6 +93,15 @@ CASES = [
     pytest.param(topk_split, (T(2, 5, dtype=I64), 2), TypeError,
                  "topk_split: `scores` must be a floating-point tensor, got dtype torch.int64",
                  id="topk-int-scores"),
+    pytest.param(squeeze_tokens, (T(2, 5, 3), T(2, 3, dtype=I64), T(2, 1), 1), TypeError,
+                 "squeeze_tokens: `pruned_idx` must be an int64 index tensor, got dtype torch.float32",
+                 id="squeeze-tokens-idx-dtype"),
+    pytest.param(squeeze_tokens, (T(2, 5, 3), T(1, 3, dtype=I64), T(2, 1, dtype=I64), 1), ValueError,
+                 "squeeze_tokens: `x` and `kept_idx` must have the same batch size, got 2 and 1",
+                 id="squeeze-tokens-batch"),
+    pytest.param(squeeze_tokens, (T(2, 5, 3), T(2, 3, dtype=I64), T(2, 1, dtype=I64), 6), ValueError,
+                 "squeeze_tokens: `num_prefix` must be an int in [0, 5] (x of shape (2, 5, 3)), got 6",
+                 id="squeeze-tokens-prefix"),
     pytest.param(gather_tokens, (T(2, 5, 3), T(2, 3)), TypeError,
                  "gather_tokens: `idx` must be an int64 index tensor, got dtype torch.float32",
                  id="gather-float-idx"),

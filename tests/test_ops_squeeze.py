@@ -16,7 +16,7 @@ from hypothesis import assume, event, given, settings
 from oracle import oracle_cosine, oracle_host, oracle_squeeze, top2_gap
 
 from tokenreduce.ops import squeeze, squeeze_assign, squeeze_masked, squeeze_op, squeeze_reference
-from tokenreduce.ops.squeeze import cosine
+from tokenreduce.ops.squeeze import cosine, squeeze_tokens, squeeze_tokens_op
 
 FLOATS = (torch.float32, torch.float64)
 TIE_TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
@@ -282,6 +282,58 @@ def test_opcheck(dtype, grads, shape):
     reserved = torch.randn(B, Nr, C, dtype=dtype).requires_grad_(grads[0])
     pruned = torch.randn(B, Np, C, dtype=dtype).requires_grad_(grads[1])
     torch.library.opcheck(squeeze_op, (reserved, pruned))
+
+
+# ---------------------------------------------------------------- indexed form (squeeze_tokens)
+def _stream_and_split(B, P, n, k, C, seed, dtype=torch.float64):
+    """x (B, P + n, C) and a random unsorted partition (kept (B, k), pruned (B, n - k))."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, P + n, C, generator=g, dtype=dtype)
+    order = torch.stack([torch.randperm(n, generator=g) for _ in range(B)])
+    return x, order[:, :k], order[:, k:]
+
+
+def _gather_rows(x, idx):
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))
+
+
+@settings(max_examples=60)
+@given(st.integers(1, 3), st.integers(0, 2), st.integers(1, 12), st.data())
+def test_squeeze_tokens_is_gather_squeeze_cat(B, P, n, data):
+    """Bit for bit the composition it names, for any partition (also k == n: nothing pruned)."""
+    k = data.draw(st.integers(1, n))
+    C = data.draw(st.integers(1, 6))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    x, kept, pruned = _stream_and_split(B, P, n, k, C, data.draw(st.integers(0, 2**31 - 1)), dtype)
+    patches = x[:, P:]
+    expected = torch.cat([x[:, :P], squeeze(_gather_rows(patches, kept), _gather_rows(patches, pruned))], 1)
+    got = squeeze_tokens(x, kept, pruned, P)
+    assert got.shape == (B, P + k, C) and got.dtype == dtype
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_squeeze_tokens_gradcheck(seed):
+    reserved, pruned_tokens = separated_pair(seed)  # clearly decided hosts, float64
+    B, Nr, C = reserved.shape
+    x = torch.cat([torch.randn(B, 1, C, dtype=torch.float64), reserved, pruned_tokens], dim=1)
+    kept = torch.arange(Nr).expand(B, Nr)
+    pruned = torch.arange(Nr, Nr + pruned_tokens.shape[1]).expand(B, -1)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: squeeze_tokens(t, kept, pruned, 1), (x,))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_squeeze_tokens_opcheck(grad):
+    x, kept, pruned = _stream_and_split(2, 1, 9, 5, 4, seed=3)
+    torch.library.opcheck(squeeze_tokens_op, (x.requires_grad_(grad), kept, pruned, 1))
+
+
+def test_squeeze_tokens_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    x, kept, pruned = _stream_and_split(2, 1, 9, 5, 4, seed=4, dtype=torch.float32)
+    compiled = torch.compile(squeeze_tokens, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, kept, pruned, 1), squeeze_tokens(x, kept, pruned, 1))
 
 
 def _loss(reserved, pruned):

@@ -231,6 +231,56 @@ def test_interp_matches_project_reference():
         torch.testing.assert_close(y[settled], expected[settled], rtol=1e-5, atol=1e-6)
 
 
+def split_indices(B, n, k, seed):
+    """(kept (B, k), pruned (B, n - k)) int64: a random partition of 0..n-1 per image, unsorted,
+    both views of one (B, n) tensor (token stride n, as ``topk_split`` returns them)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.stack([torch.randperm(n, generator=g) for _ in range(B)])
+    return order[:, :k], order[:, k:]
+
+
+def check_indexed(x, kept, pruned, P, y, hosts, **tol):
+    """``squeeze_tokens`` output against the oracle on the gathered rows; prefix rows exact."""
+    B, _, C = x.shape
+    assert y.shape == (B, P + kept.shape[1], C) and y.dtype == x.dtype
+    assert torch.equal(y[:, :P].cpu(), x[:, :P].cpu()), "prefix rows changed"
+    patches = x[:, P:].cpu()
+    r = patches.gather(1, kept.cpu()[..., None].expand(-1, -1, C))
+    p = patches.gather(1, pruned.cpu()[..., None].expand(-1, -1, C))
+    check(r, p, y[:, P:], hosts, **tol)
+
+
+INDEXED_SIZES = [(2, 1, 20, 13, 24), (3, 0, 9, 4, 100), (2, 2, 90, 70, 70), (1, 1, 5, 5, 8), (2, 1, 66, 1, 16)]
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_indexed(dtype):
+    from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts
+
+    tol = dict(rtol=1e-5, atol=1e-6, host_tol=1e-6) if dtype == torch.float32 else \
+        dict(rtol=2**-7, atol=1e-3, host_tol=1e-6)
+    for i, (B, P, n, k, C) in enumerate(INDEXED_SIZES):
+        x = randn(B, P + n, C, seed=900 + i, dtype=dtype)
+        kept, pruned = split_indices(B, n, k, seed=950 + i)
+        y, hosts = _squeeze_tokens_with_hosts(x, kept, pruned, P)
+        try:
+            check_indexed(x, kept, pruned, P, y, hosts, **tol)
+        except AssertionError as err:
+            raise AssertionError(f"B={B} P={P} n={n} k={k} C={C}: {err}") from err
+
+
+@interp
+def test_interp_indexed_strided_stream():
+    from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts
+
+    x = randn(2, 30, 40, seed=31).transpose(1, 2)  # (2, 40, 30): channel stride 40
+    kept, pruned = split_indices(2, 39, 25, seed=32)
+    y, hosts = _squeeze_tokens_with_hosts(x, kept, pruned, 1)
+    assert y.is_contiguous()
+    check_indexed(x, kept, pruned, 1, y, hosts, rtol=1e-5, atol=1e-6, host_tol=1e-6)
+
+
 # ------------------------------------------------------------------ plain tests (any machine)
 @pytest.mark.skipif(INTERPRETING, reason="checks behaviour outside the interpreter")
 def test_cpu_tensors_need_cuda_or_the_interpreter():
@@ -278,7 +328,8 @@ def test_register_is_a_noop_without_cuda():
 @needs_triton
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter replaces the JIT functions")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_kernels_compile_for_hopper(dtype):
+@pytest.mark.parametrize("has_idx", [False, True], ids=["plain", "indexed"])
+def test_kernels_compile_for_hopper(dtype, has_idx):
     """Ahead-of-time compile both kernels to sm_90 (PTX + ptxas), no GPU needed: catches what the
     interpreter cannot (tl.dot shape and dtype rules, MMA lowering of tf32x3 and 16-bit tiles)."""
     triton = pytest.importorskip("triton")
@@ -290,14 +341,12 @@ def test_kernels_compile_for_hopper(dtype):
     from tokenreduce.ops import squeeze_triton as st
 
     pointers = {"r_ptr": f"*{dtype}", "p_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
-                "host_ptr": "*i32", "w_ptr": "*fp32"}
+                "ridx_ptr": "*i64", "pidx_ptr": "*i64", "host_ptr": "*i32", "w_ptr": "*fp32"}
     precision = "tf32x3" if dtype == "fp32" else "tf32"
-    kernels = [
-        (st._squeeze_hosts_kernel,
-         dict(EPS=1e-6, PRECISION=precision, DOT_F32=False, BLOCK_P=32, BLOCK_R=64, BLOCK_C=64)),
-        (st._squeeze_fuse_kernel,
-         dict(E=math.e, SPLIT_W=dtype != "fp32", PRECISION=precision, DOT_F32=False,
-              BLOCK_R=64, BLOCK_P=64, BLOCK_C=64)),
+    common = dict(PRECISION=precision, DOT_F32=False, HAS_IDX=has_idx)
+    kernels = [  # the default (first) config of each autotuned kernel
+        (st._squeeze_hosts_kernel, dict(EPS=1e-6, **common, **st._hosts_tuned.configs[0].kwargs)),
+        (st._squeeze_fuse_kernel, dict(E=math.e, SPLIT_W=dtype != "fp32", **common, **st._fuse_tuned.configs[0].kwargs)),
     ]
     for kernel, constexprs in kernels:
         names = kernel.arg_names
@@ -365,6 +414,44 @@ def test_cuda_op_dispatches_to_triton_and_passes_opcheck():
     torch.library.opcheck(op, (r.clone().requires_grad_(), p.clone().requires_grad_()))
     torch.library.opcheck(op, (r.bfloat16(), p.bfloat16()))
     torch.library.opcheck(op, (r, p[:, :0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [(8, 1, 196, 137, 384), (4, 0, 784, 549, 64), (3, 2, 70, 33, 100)])
+def test_cuda_indexed_matches_oracle(dtype, size):
+    from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts, squeeze_tokens_triton
+
+    B, P, n, k, C = size
+    x = randn(B, P + n, C, seed=510, dtype=dtype, device="cuda")
+    kept, pruned = (t.cuda() for t in split_indices(B, n, k, seed=511))
+    y, hosts = _squeeze_tokens_with_hosts(x, kept, pruned, P)
+    if dtype == torch.float32:
+        check_indexed(x, kept, pruned, P, y, hosts, rtol=1e-5, atol=1e-5, host_tol=1e-5)
+    else:
+        check_indexed(x, kept, pruned, P, y, hosts, rtol=2**-7, atol=1e-3, host_tol=1e-5)
+    assert torch.equal(y, squeeze_tokens_triton(x, kept, pruned, P)), "kernel is not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
+def test_cuda_squeeze_tokens_op_dispatches_to_triton_and_passes_opcheck():
+    from tokenreduce.ops.squeeze import squeeze_tokens_reference
+    from tokenreduce.ops.squeeze_triton import register_cuda_kernel, squeeze_tokens_triton
+
+    assert register_cuda_kernel() is True
+    op = torch.ops.tokenreduce.squeeze_tokens.default
+    x = randn(4, 1 + 58, 96, seed=710, device="cuda")
+    kept, pruned = (t.cuda() for t in split_indices(4, 58, 37, seed=711))
+    assert torch.equal(op(x, kept, pruned, 1), squeeze_tokens_triton(x, kept, pruned, 1))
+    settled = settled_rows(*(x[:, 1:].cpu().gather(1, i.cpu()[..., None].expand(-1, -1, 96)) for i in (kept, pruned)))
+    torch.testing.assert_close(op(x, kept, pruned, 1)[:, 1:][settled.cuda()],
+                               squeeze_tokens_reference(x, kept, pruned, 1)[:, 1:][settled.cuda()], rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(op, (x, kept, pruned, 1))
+    torch.library.opcheck(op, (x.clone().requires_grad_(), kept, pruned, 1))
+    torch.library.opcheck(op, (x.bfloat16(), kept, pruned, 1))
+    torch.library.opcheck(op, (x, kept.contiguous(), pruned[:, :0].contiguous(), 0))
 
 
 @interp

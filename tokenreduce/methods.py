@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import ops
 
 __all__ = [
-    "Method", "Scorer", "METHODS", "SCORERS", "REDUCERS", "MASKED_REDUCERS",
+    "Method", "Scorer", "METHODS", "SCORERS", "REDUCERS", "MASKED_REDUCERS", "INDEXED_REDUCERS",
     "register_method", "register_scorer", "register_reducer", "get_method",
 ]
 
@@ -117,6 +117,10 @@ def _drop(kept: Tensor, pruned: Tensor, pruned_scores: Tensor) -> Tensor:
     return ops.drop(kept, pruned)
 
 
+def _squeeze_indexed(x: Tensor, num_prefix: int, kept_idx: Tensor, pruned_idx: Tensor, scores: Tensor) -> Tensor:
+    return ops.squeeze_tokens(x, kept_idx, pruned_idx, num_prefix)
+
+
 def _squeeze_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
     return ops.squeeze_masked(x, keep, pruned_now)
 
@@ -132,6 +136,12 @@ REDUCERS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 # training form of a reducer, fixed length: (x (B,n,C), keep (B,n,1), pruned_now (B,n,1)) -> (B,n,C)
 MASKED_REDUCERS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "squeeze": _squeeze_masked, "drop": _drop_masked,
+}
+# optional fast form of a reducer that gathers for itself (one fused kernel for the whole site):
+# (x (B,P+n,C), P, kept_idx (B,k), pruned_idx (B,n-k), scores (B,n)) -> (B, P + k [+ extra], C),
+# prefix rows included; indices into x[:, P:], raster order. Must equal the plain form.
+INDEXED_REDUCERS: dict[str, Callable[[Tensor, int, Tensor, Tensor, Tensor], Tensor]] = {
+    "squeeze": _squeeze_indexed,
 }
 # extra tokens a reducer appends after the kept ones
 EXTRA_TOKENS = {"squeeze": 0, "fuse": 1, "drop": 0}
@@ -170,11 +180,17 @@ def register_scorer(name: str, cls: type[Scorer]) -> type[Scorer]:
     return cls
 
 
-def register_reducer(name: str, fn: Callable, masked: Callable | None = None, extra_tokens: int = 0) -> Callable:
+def register_reducer(
+    name: str, fn: Callable, masked: Callable | None = None, extra_tokens: int = 0,
+    indexed: Callable | None = None,
+) -> Callable:
     REDUCERS[name] = fn
     EXTRA_TOKENS[name] = extra_tokens
-    if masked is not None:
-        MASKED_REDUCERS[name] = masked
+    for table, form in ((MASKED_REDUCERS, masked), (INDEXED_REDUCERS, indexed)):
+        if form is not None:
+            table[name] = form
+        else:  # re-registering a name must not keep the old reducer's other forms
+            table.pop(name, None)
     return fn
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .methods import MASKED_REDUCERS, REDUCERS, SCORERS, Method
+from .methods import INDEXED_REDUCERS, MASKED_REDUCERS, REDUCERS, SCORERS, Method
 from .plan import Site, keep_count
 
 __all__ = ["TokenState", "AttnInputs", "ReductionSite", "keep_mask"]
@@ -87,13 +87,18 @@ class ReductionSite(nn.Module):
             return x, state
         scores = self.scorer(patches, state.keep, AttnInputs(q, k, scale, probs))  # (B, n)
         kept_idx, pruned_idx = ops.topk_split(scores, keep)  # (B, k), (B, n - k), raster order
-        kept = ops.gather_tokens(patches, kept_idx)
-        pruned = ops.gather_tokens(patches, pruned_idx)
-        out = REDUCERS[self.reducer](kept, pruned, scores.gather(1, pruned_idx))  # (B, k + extra, C)
+        indexed = INDEXED_REDUCERS.get(self.reducer)
+        if indexed is not None:  # the reducer gathers for itself (a fused kernel)
+            out = indexed(x, P, kept_idx, pruned_idx, scores)  # (B, P + k + extra, C)
+        else:
+            kept = ops.gather_tokens(patches, kept_idx)
+            pruned = ops.gather_tokens(patches, pruned_idx)
+            out = REDUCERS[self.reducer](kept, pruned, scores.gather(1, pruned_idx))  # (B, k + extra, C)
+            out = torch.cat([prefix, out], dim=1)
         pos = state.pos.gather(1, kept_idx)
         if self.extra:
             pos = torch.cat([pos, pos.new_full((B, self.extra), state.n_ref)], dim=1)
-        return torch.cat([prefix, out], dim=1), TokenState(pos=pos, keep=None, n_ref=state.n_ref)
+        return out, TokenState(pos=pos, keep=None, n_ref=state.n_ref)
 
     def _masked(self, prefix: Tensor, patches: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         prev = state.keep if state.keep is not None else patches.new_ones(patches.shape[0], patches.shape[1], 1)

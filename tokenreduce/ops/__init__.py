@@ -17,6 +17,7 @@ from .squeeze import (
     squeeze_masked,
     squeeze_op,
     squeeze_reference,
+    squeeze_tokens,
     set_squeeze_impl,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "squeeze_masked",
     "squeeze_op",
     "squeeze_reference",
+    "squeeze_tokens",
     "scatter_to_grid",
     "set_squeeze_impl",
     "topk_split",

@@ -32,12 +32,20 @@ def topk_split(scores: Tensor, k: int | torch.SymInt) -> tuple[Tensor, Tensor]:
     if not 1 <= k <= n:
         raise ValueError(f"{op}: `k` must satisfy 1 <= k <= n = {n} (scores of shape "
                          f"{tuple(scores.shape)}), got k = {k}")
-    # A stable descending sort (not topk, whose tie order is unspecified) makes ties go to
-    # the lower index; n is a few hundred, so the O(n log n) sort is negligible.
-    order = scores.argsort(dim=-1, descending=True, stable=True)  # (B, n)
-    kept = order[:, :k].sort(dim=-1).values  # (B, k)
-    pruned = order[:, k:].sort(dim=-1).values  # (B, n - k)
-    return kept, pruned
+    # No sort: Inductor lowers sorts to Triton kernels that are slow to compile, and the order
+    # itself is not needed. The k-th largest score is a threshold; of the tokens equal to it, the
+    # lowest-index ones fill the remaining places. A cumsum then lays both halves out in raster
+    # order.
+    kth = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (B, 1)
+    above = scores > kth
+    tied = scores == kth
+    room = k - above.sum(dim=1, keepdim=True)  # (B, 1): places left for tied tokens
+    keep = above | (tied & (tied.cumsum(dim=1) <= room))  # (B, n), exactly k per row
+    rank = keep.cumsum(dim=1)  # (B, n): kept tokens at or before i
+    i = torch.arange(n, device=scores.device)
+    slot = torch.where(keep, rank - 1, k + i - rank)  # a permutation of 0..n-1 per row
+    order = torch.empty_like(slot).scatter_(1, slot, i.expand_as(slot))  # (B, n)
+    return order[:, :k], order[:, k:]
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:

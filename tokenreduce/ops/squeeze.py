@@ -23,6 +23,13 @@ added from its own module without touching this one::
 
 The backward stays the reference's, so a forward kernel must match it numerically.
 
+Indexed form (what a reduction site calls): the gathers and the prefix pass-through are part of
+the operator ``torch.ops.tokenreduce.squeeze_tokens``, so a fused kernel reads the kept and pruned
+rows straight from the token stream and writes the site's whole output in one go::
+
+    squeeze_tokens(x (B, P + n, C), kept_idx (B, k), pruned_idx (B, n - k), num_prefix=P)
+        -> (B, P + k, C) = cat([x[:, :P], squeeze(x[:, P:][kept_idx], x[:, P:][pruned_idx])])
+
 Training form (dTPS, fixed length, straight-through masks)::
 
     squeeze_masked(x (B, n, C), keep (B, n, 1), pruned_now (B, n, 1)) -> (B, n, C)
@@ -37,7 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._validate import check_float, check_shape, check_tensor, check_token_pair
+from ._validate import check_float, check_index, check_shape, check_size_match, check_tensor, check_token_pair
 
 __all__ = [
     "SqueezeAssignment",
@@ -46,6 +53,9 @@ __all__ = [
     "squeeze_masked",
     "squeeze_op",
     "squeeze_reference",
+    "squeeze_tokens",
+    "squeeze_tokens_op",
+    "squeeze_tokens_reference",
 ]
 
 # The host joins its own group with self-similarity 1, i.e. weight exp(1) (the authors' math.e).
@@ -207,6 +217,77 @@ def set_squeeze_impl(impl: str) -> None:
     if impl not in ("op", "inline"):
         raise ValueError(f"set_squeeze_impl: impl must be 'op' or 'inline', got {impl!r}")
     INLINE_UNDER_COMPILE = impl == "inline"
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (B, m, C)
+
+
+def squeeze_tokens_reference(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: int) -> Tensor:
+    """Plain indexed squeeze: (B, P + n, C), (B, k), (B, n - k), P -> (B, P + k, C). No validation.
+
+    The default kernel of ``tokenreduce::squeeze_tokens`` and what its backward differentiates.
+    """
+    patches = x[:, num_prefix:]
+    reserved = squeeze_reference(_gather(patches, kept_idx), _gather(patches, pruned_idx))
+    return torch.cat([x[:, :num_prefix], reserved], dim=1)
+
+
+@torch.library.custom_op("tokenreduce::squeeze_tokens", mutates_args=())
+def squeeze_tokens_op(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: int) -> Tensor:
+    """``tokenreduce::squeeze_tokens``: (B, P + n, C), (B, k), (B, n - k), P -> (B, P + k, C)."""
+    return squeeze_tokens_reference(x, kept_idx, pruned_idx, num_prefix)
+
+
+@squeeze_tokens_op.register_fake
+def _squeeze_tokens_fake(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: int) -> Tensor:
+    return x.new_empty((x.shape[0], num_prefix + kept_idx.shape[1], x.shape[2]))
+
+
+def _tokens_setup_context(ctx, inputs, output) -> None:
+    x, kept_idx, pruned_idx, num_prefix = inputs
+    ctx.save_for_backward(x, kept_idx, pruned_idx)
+    ctx.num_prefix = num_prefix
+
+
+def _tokens_backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+    x, kept_idx, pruned_idx = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        out = squeeze_tokens_reference(xg, kept_idx, pruned_idx, ctx.num_prefix)
+        (grad_x,) = torch.autograd.grad(out, (xg,), grad)
+    return grad_x, None, None, None
+
+
+squeeze_tokens_op.register_autograd(_tokens_backward, setup_context=_tokens_setup_context)
+
+
+def squeeze_tokens(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: int = 0) -> Tensor:
+    """Squeeze the stream's pruned patch tokens into its kept ones: (B, P + n, C) -> (B, P + k, C).
+
+    ``kept_idx`` (B, k) and ``pruned_idx`` (B, n - k) index the patch tokens ``x[:, P:]`` (int64;
+    they need not be sorted, and together usually partition ``0..n-1``). The first ``num_prefix``
+    tokens are copied through; row ``P + j`` is ``squeeze``'s row ``j`` for the reserved tokens
+    ``x[:, P:][kept_idx]`` and the pruned ones ``x[:, P:][pruned_idx]``. Differentiable w.r.t.
+    ``x``; one ``torch.compile`` graph node (the fused Triton kernel on CUDA).
+    """
+    op = "squeeze_tokens"
+    check_tensor(op, "x", x, 3, "(B, P + n, C)")
+    check_float(op, "x", x)
+    check_tensor(op, "kept_idx", kept_idx, 2, "(B, k)")
+    check_tensor(op, "pruned_idx", pruned_idx, 2, "(B, n - k)")
+    check_index(op, "kept_idx", kept_idx)
+    check_index(op, "pruned_idx", pruned_idx)
+    check_size_match(op, "batch size", "x", x.shape[0], "kept_idx", kept_idx.shape[0])
+    check_size_match(op, "batch size", "x", x.shape[0], "pruned_idx", pruned_idx.shape[0])
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or not 0 <= num_prefix <= x.shape[1]:
+        raise ValueError(f"{op}: `num_prefix` must be an int in [0, {x.shape[1]}] (x of shape "
+                         f"{tuple(x.shape)}), got {num_prefix!r}")
+    if INLINE_UNDER_COMPILE and torch.compiler.is_compiling():
+        return squeeze_tokens_reference(x, kept_idx, pruned_idx, num_prefix)
+    return torch.ops.tokenreduce.squeeze_tokens(x, kept_idx, pruned_idx, num_prefix)
 
 
 def squeeze_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Fused Triton forward kernel for the split-form TPS squeeze (tps-reference Sec. 1).
+"""Fused Triton forward kernels for the split-form TPS squeeze (tps-reference Sec. 1).
 
 ``squeeze_triton(reserved, pruned)`` computes exactly what ``squeeze_reference`` computes:
 
@@ -7,18 +7,23 @@
     y_j     = (e * xr_j + sum_{i: h(i)=j} exp(c[i, j]) xp_i) / (e + sum_{i: h(i)=j} exp(c[i, j]))
     y_j     = xr_j, bit for bit, when no pruned token picked j
 
-in two launches, without atomics (so the result is deterministic) and without materialising
-anything of size (B, Nr, C) besides the output:
+and ``squeeze_tokens_triton(x, kept_idx, pruned_idx, P)`` the same with the reserved and pruned
+rows read from the token stream through their indices (``P + idx``) and the P leading rows
+copied through, so a reduction site is two launches with no gather, no concatenation, no
+atomics (the result is deterministic) and nothing of size (B, Nr, C) besides the output:
 
     _squeeze_hosts_kernel   grid (cdiv(Np, BLOCK_P), B)
         one program per block of pruned rows: norms of its rows, then for each tile of reserved
         rows the dot products (``tl.dot``, fp32 accumulation) and their norms, keeping a running
         max / argmax.  Writes host (B, Np) int32 and weight exp(c_max) (B, Np) fp32.
-    _squeeze_fuse_kernel    grid (cdiv(Nr, BLOCK_R), cdiv(C, BLOCK_C), B)
-        one program per (tile of reserved rows, tile of channels): builds the weight matrix
+    _squeeze_fuse_kernel    grid (cdiv(P + Nr, BLOCK_R), cdiv(C, BLOCK_C), B)
+        one program per (tile of output rows, tile of channels): builds the weight matrix
         W[j, i] = [h(i) == j] exp(c_max_i) of shape (BLOCK_R, BLOCK_P) in registers and gets
         num = W @ xp with ``tl.dot``, den = W.sum(1); writes
         y = where(den > 0, (e * xr + num) / (e + den), xr) in the input dtype.
+
+Block sizes, warps and stages are autotuned per (sizes, dtype) on the first call from a short
+list (``_HOSTS_CONFIGS``, ``_FUSE_CONFIGS``).
 
 All sums are in fp32.  Precision of the two matrix products:
   * fp32 inputs: ``input_precision="tf32x3"`` (three TF32 tensor-core products; close to fp32).
@@ -26,7 +31,8 @@ All sums are in fp32.  Precision of the two matrix products:
     W (fp32) is split into hi + lo halves of the input dtype, so its rounding error is ~2^-16.
 
 Forward only: the custom op's autograd recomputes with the reference.  ``register_cuda_kernel``
-installs this as the CUDA implementation of ``torch.ops.tokenreduce.squeeze``.  Triton is
+installs them as the CUDA implementations of ``torch.ops.tokenreduce.squeeze`` and
+``torch.ops.tokenreduce.squeeze_tokens``.  Triton is
 imported at module import only when it is installed; nothing here fails without it.
 
 The kernels also run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
@@ -42,7 +48,7 @@ import os
 
 import torch
 
-__all__ = ["squeeze_triton", "register_cuda_kernel", "triton_available"]
+__all__ = ["squeeze_triton", "squeeze_tokens_triton", "register_cuda_kernel", "triton_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +79,25 @@ def _interpreting() -> bool:
 if _HAVE_TRITON:
 
     @triton.jit
+    def _rows(idx_ptr, s_ib, s_in, b, offs, mask, P, HAS_IDX: tl.constexpr):
+        """Row numbers in the source tensor of logical rows ``offs``: ``P + idx[b, offs]`` when
+        indexed, else ``offs`` itself."""
+        if HAS_IDX:
+            return tl.load(idx_ptr + b * s_ib + offs * s_in, mask=mask, other=0) + P
+        else:
+            return offs.to(tl.int64)
+
+    @triton.jit
     def _squeeze_hosts_kernel(
-        r_ptr, p_ptr, host_ptr, w_ptr,
-        Nr, Np, C,
+        r_ptr, p_ptr, ridx_ptr, pidx_ptr, host_ptr, w_ptr,
+        Nr, Np, C, P,
         s_rb, s_rn, s_rc,
         s_pb, s_pn, s_pc,
+        s_kb, s_kn, s_qb, s_qn,
         EPS: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_F32: tl.constexpr,
+        HAS_IDX: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
@@ -90,6 +107,7 @@ if _HAVE_TRITON:
 
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
         mask_p = offs_p < Np
+        rows_p = _rows(pidx_ptr, s_qb, s_qn, b, offs_p, mask_p, P, HAS_IDX)
         arange_c = tl.arange(0, BLOCK_C)
         arange_r = tl.arange(0, BLOCK_R)
 
@@ -98,7 +116,7 @@ if _HAVE_TRITON:
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + arange_c
             xp = tl.load(
-                p_base + offs_p[:, None] * s_pn + offs_c[None, :] * s_pc,
+                p_base + rows_p[:, None] * s_pn + offs_c[None, :] * s_pc,
                 mask=mask_p[:, None] & (offs_c < C)[None, :], other=0.0,
             ).to(tl.float32)  # (BLOCK_P, BLOCK_C)
             ssq_p += tl.sum(xp * xp, axis=1)
@@ -109,17 +127,18 @@ if _HAVE_TRITON:
         for r0 in range(0, Nr, BLOCK_R):
             offs_r = r0 + arange_r
             mask_r = offs_r < Nr
+            rows_r = _rows(ridx_ptr, s_kb, s_kn, b, offs_r, mask_r, P, HAS_IDX)
             dots = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
             ssq_r = tl.zeros([BLOCK_R], dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + arange_c
                 mask_c = offs_c < C
                 xp = tl.load(
-                    p_base + offs_p[:, None] * s_pn + offs_c[None, :] * s_pc,
+                    p_base + rows_p[:, None] * s_pn + offs_c[None, :] * s_pc,
                     mask=mask_p[:, None] & mask_c[None, :], other=0.0,
                 )  # (BLOCK_P, BLOCK_C), input dtype
                 xr_t = tl.load(
-                    r_base + offs_r[None, :] * s_rn + offs_c[:, None] * s_rc,
+                    r_base + rows_r[None, :] * s_rn + offs_c[:, None] * s_rc,
                     mask=mask_c[:, None] & mask_r[None, :], other=0.0,
                 )  # (BLOCK_C, BLOCK_R), input dtype: reserved tile, transposed
                 xr_f = xr_t.to(tl.float32)
@@ -144,24 +163,30 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _squeeze_fuse_kernel(
-        r_ptr, p_ptr, host_ptr, w_ptr, y_ptr,
-        Nr, Np, C,
+        r_ptr, p_ptr, ridx_ptr, pidx_ptr, host_ptr, w_ptr, y_ptr,
+        Nr, Np, C, P,
         s_rb, s_rn, s_rc,
         s_pb, s_pn, s_pc,
+        s_kb, s_kn, s_qb, s_qn,
         s_yb, s_yn, s_yc,
         E: tl.constexpr,
         SPLIT_W: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_F32: tl.constexpr,
+        HAS_IDX: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
 
-        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        # Output rows: P pass-through rows (source rows 0..P-1), then the Nr reserved ones.
+        offs_o = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_o = offs_o < P + Nr
+        offs_j = offs_o - P  # reserved index; negative on pass-through rows
+        is_res = mask_o & (offs_j >= 0)
+        rows_o = tl.where(is_res, _rows(ridx_ptr, s_kb, s_kn, b, offs_j, is_res, P, HAS_IDX), offs_o)
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask_r = offs_r < Nr
         mask_c = offs_c < C
         arange_p = tl.arange(0, BLOCK_P)
 
@@ -170,13 +195,15 @@ if _HAVE_TRITON:
         for p0 in range(0, Np, BLOCK_P):
             offs_p = p0 + arange_p
             mask_p = offs_p < Np
-            host = tl.load(host_ptr + b * Np + offs_p, mask=mask_p, other=-1)
+            rows_p = _rows(pidx_ptr, s_qb, s_qn, b, offs_p, mask_p, P, HAS_IDX)
+            host = tl.load(host_ptr + b * Np + offs_p, mask=mask_p, other=0)
             w = tl.load(w_ptr + b * Np + offs_p, mask=mask_p, other=0.0)
             # W[j, i] = exp(c_i) if pruned token i chose reserved token j: (BLOCK_R, BLOCK_P)
-            wmat = tl.where(offs_r[:, None] == host[None, :], w[None, :], 0.0)
+            chose = (offs_j[:, None] == host[None, :]) & mask_p[None, :]
+            wmat = tl.where(chose, w[None, :], 0.0)
             den += tl.sum(wmat, axis=1)
             xp = tl.load(
-                p_ptr + b * s_pb + offs_p[:, None] * s_pn + offs_c[None, :] * s_pc,
+                p_ptr + b * s_pb + rows_p[:, None] * s_pn + offs_c[None, :] * s_pc,
                 mask=mask_p[:, None] & mask_c[None, :], other=0.0,
             )  # (BLOCK_P, BLOCK_C), input dtype
             if SPLIT_W:
@@ -194,21 +221,43 @@ if _HAVE_TRITON:
                 num = tl.dot(wmat, xp, num, input_precision=PRECISION)
 
         xr = tl.load(
-            r_ptr + b * s_rb + offs_r[:, None] * s_rn + offs_c[None, :] * s_rc,
-            mask=mask_r[:, None] & mask_c[None, :], other=0.0,
+            r_ptr + b * s_rb + rows_o[:, None] * s_rn + offs_c[None, :] * s_rc,
+            mask=mask_o[:, None] & mask_c[None, :], other=0.0,
         )  # (BLOCK_R, BLOCK_C), input dtype
         y = (E * xr.to(tl.float32) + num) / (E + den[:, None])
-        # Unmatched reserved rows: the input, untouched (no fp32 round trip).
+        # Unmatched reserved rows and pass-through rows: the input, untouched (no fp32 round trip).
         out = tl.where((den > 0.0)[:, None], y.to(xr.dtype), xr)
         tl.store(
-            y_ptr + b * s_yb + offs_r[:, None] * s_yn + offs_c[None, :] * s_yc,
-            out, mask=mask_r[:, None] & mask_c[None, :],
+            y_ptr + b * s_yb + offs_o[:, None] * s_yn + offs_c[None, :] * s_yc,
+            out, mask=mask_o[:, None] & mask_c[None, :],
         )
 
+    def _configs(shapes: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list:
+        """Autotuning candidates (three block sizes, warps, stages); one fixed config when
+        interpreting (each interpreted launch is slow, and timing it means nothing)."""
+        if _interpreting():
+            shapes = shapes[:1]
+        return [
+            triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
+            for *blocks, warps, stages in shapes
+        ]
 
-def _block(n: int, cap: int) -> int:
-    """Power of two >= n, clamped to [16, cap] (16 is tl.dot's smallest tile edge)."""
-    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
+    # The first entry of each list is the untuned default (and the interpreter's only config).
+    _HOSTS_CONFIGS = [  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
+        (32, 64, 64, 4, 2), (16, 64, 64, 4, 2), (16, 128, 64, 4, 2), (32, 64, 128, 8, 2),
+        (16, 64, 128, 4, 3), (64, 64, 64, 4, 2),
+    ]
+    _FUSE_CONFIGS = [  # (BLOCK_R, BLOCK_P, BLOCK_C, warps, stages)
+        (64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (32, 32, 128, 4, 2), (64, 32, 128, 4, 2),
+        (128, 64, 64, 8, 2), (32, 64, 32, 4, 2),
+    ]
+    # Tuned per problem size and dtype (Triton adds the tensor dtypes to the key).
+    _hosts_tuned = triton.autotune(
+        _configs(_HOSTS_CONFIGS, ("BLOCK_P", "BLOCK_R", "BLOCK_C")), key=["Nr", "Np", "C", "HAS_IDX"]
+    )(_squeeze_hosts_kernel)
+    _fuse_tuned = triton.autotune(
+        _configs(_FUSE_CONFIGS, ("BLOCK_R", "BLOCK_P", "BLOCK_C")), key=["Nr", "Np", "C", "P", "HAS_IDX"]
+    )(_squeeze_fuse_kernel)
 
 
 def _validate(reserved: torch.Tensor, pruned: torch.Tensor) -> None:
@@ -262,29 +311,6 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _interpreting()
 
 
-def _squeeze_hosts(reserved: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Host index h(i) (B, Np) int32 and weight exp(c[i, h(i)]) (B, Np) fp32.  Needs Nr >= 1."""
-    B, Nr, C = reserved.shape
-    Np = pruned.shape[1]
-    host = torch.empty((B, Np), device=reserved.device, dtype=torch.int32)
-    weight = torch.empty((B, Np), device=reserved.device, dtype=torch.float32)
-    if B == 0 or Np == 0:
-        return host, weight
-    block_p = _block(Np, 32)
-    block_r = _block(Nr, 64)
-    block_c = _block(C, 64)
-    grid = (triton.cdiv(Np, block_p), B)
-    _squeeze_hosts_kernel[grid](
-        reserved, pruned, host, weight,
-        Nr, Np, C,
-        *reserved.stride(), *pruned.stride(),
-        EPS=_EPS, PRECISION=_precision(reserved.dtype), DOT_F32=_dot_f32(reserved.dtype),
-        BLOCK_P=block_p, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=4, enable_fp_fusion=True,  # explicit: triton 3.9 warns when unset
-    )
-    return host, weight
-
-
 def squeeze_triton(reserved: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     """TPS squeeze (tps-reference Sec. 1) as two Triton kernels; forward only.
 
@@ -305,30 +331,63 @@ def _squeeze_with_hosts(reserved: torch.Tensor, pruned: torch.Tensor) -> tuple[t
         host = torch.zeros((B, Np), device=reserved.device, dtype=torch.int32)
         return reserved.clone(memory_format=torch.contiguous_format), host
     _check_runnable(reserved)
+    return _launch(reserved, pruned, None, None, 0, Nr, Np)
+
+
+def squeeze_tokens_triton(
+    x: torch.Tensor, kept_idx: torch.Tensor, pruned_idx: torch.Tensor, num_prefix: int
+) -> torch.Tensor:
+    """``squeeze_tokens`` (see ``ops.squeeze``) as the same two kernels, reading kept and pruned
+    rows of ``x`` (B, P + n, C) through the int64 indices (B, k), (B, n - k) into ``x[:, P:]``
+    and writing the (B, P + k, C) result, pass-through rows included.  Forward only."""
+    return _squeeze_tokens_with_hosts(x, kept_idx, pruned_idx, num_prefix)[0]
+
+
+def _squeeze_tokens_with_hosts(x, kept_idx, pruned_idx, num_prefix):
+    _validate(x, x)
+    for name, idx in (("kept_idx", kept_idx), ("pruned_idx", pruned_idx)):
+        if idx.dim() != 2 or idx.dtype != torch.int64 or idx.shape[0] != x.shape[0] or idx.device != x.device:
+            raise ValueError(f"squeeze_tokens_triton: {name} must be a (B, m) int64 tensor on x's device; "
+                             f"got {tuple(idx.shape)} {idx.dtype} on {idx.device}")
+    B, _, C = x.shape
+    Nr, Np = kept_idx.shape[1], pruned_idx.shape[1]
+    if B == 0 or C == 0 or num_prefix + Nr == 0:
+        y = torch.empty((B, num_prefix + Nr, C), device=x.device, dtype=x.dtype)
+        return y, torch.zeros((B, Np), device=x.device, dtype=torch.int32)
+    _check_runnable(x)
+    return _launch(x, x, kept_idx, pruned_idx, num_prefix, Nr, Np)
+
+
+def _launch(r_src, p_src, ridx, pidx, P, Nr, Np) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both kernels.  Plain: reserved/pruned rows are rows of ``r_src``/``p_src`` (P == 0).
+    Indexed: they are rows ``P + ridx[b]`` / ``P + pidx[b]``, and rows 0..P-1 pass through."""
+    B, _, C = r_src.shape
+    dtype, dev = r_src.dtype, r_src.device
+    host = torch.empty((B, Np), device=dev, dtype=torch.int32)
+    weight = torch.empty((B, Np), device=dev, dtype=torch.float32)
+    y = torch.empty((B, P + Nr, C), device=dev, dtype=dtype)
+    has_idx = ridx is not None
+    if not has_idx:  # unused pointers and strides
+        ridx = pidx = host
+    idx_strides = (*ridx.stride(), *pidx.stride()) if has_idx else (0, 0, 0, 0)
+    common = dict(PRECISION=_precision(dtype), DOT_F32=_dot_f32(dtype), HAS_IDX=has_idx,
+                  enable_fp_fusion=True)  # explicit: triton 3.9 warns when unset
     # Triton launches on the current device; make it the inputs' one.
-    guard = torch.cuda.device(reserved.device) if reserved.device.type == "cuda" else contextlib.nullcontext()
+    guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with guard:
-        return _launch(reserved, pruned)
-
-
-def _launch(reserved: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    B, Nr, C = reserved.shape
-    Np = pruned.shape[1]
-    host, weight = _squeeze_hosts(reserved, pruned)
-    y = torch.empty((B, Nr, C), device=reserved.device, dtype=reserved.dtype)
-    block_r = _block(Nr, 64)
-    block_p = _block(Np, 64)
-    block_c = _block(C, 64)
-    grid = (triton.cdiv(Nr, block_r), triton.cdiv(C, block_c), B)
-    _squeeze_fuse_kernel[grid](
-        reserved, pruned, host, weight, y,
-        Nr, Np, C,
-        *reserved.stride(), *pruned.stride(), *y.stride(),
-        E=math.e, SPLIT_W=reserved.dtype != torch.float32,
-        PRECISION=_precision(reserved.dtype), DOT_F32=_dot_f32(reserved.dtype),
-        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=4, enable_fp_fusion=True,  # explicit: triton 3.9 warns when unset
-    )
+        if Np > 0 and Nr > 0:
+            _hosts_tuned[lambda meta: (triton.cdiv(Np, meta["BLOCK_P"]), B)](
+                r_src, p_src, ridx, pidx, host, weight,
+                Nr, Np, C, P,
+                *r_src.stride(), *p_src.stride(), *idx_strides,
+                EPS=_EPS, **common,
+            )
+        _fuse_tuned[lambda meta: (triton.cdiv(P + Nr, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]), B)](
+            r_src, p_src, ridx, pidx, host, weight, y,
+            Nr, Np, C, P,
+            *r_src.stride(), *p_src.stride(), *idx_strides, *y.stride(),
+            E=math.e, SPLIT_W=dtype != torch.float32, **common,
+        )
     return y, host
 
 
@@ -351,8 +410,9 @@ def register_cuda_kernel() -> bool:
     import tokenreduce.ops.squeeze  # noqa: F401  (defines the custom op)
 
     torch.library.register_kernel("tokenreduce::squeeze", "cuda", _cuda_kernel)
+    torch.library.register_kernel("tokenreduce::squeeze_tokens", "cuda", _cuda_tokens_kernel)
     _REGISTERED = True
-    logger.debug("tokenreduce: registered the Triton squeeze as the CUDA kernel")
+    logger.debug("tokenreduce: registered the Triton squeeze as the CUDA kernel of both ops")
     return True
 
 
@@ -363,3 +423,11 @@ def _cuda_kernel(reserved: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
 
         return squeeze_reference(reserved, pruned)
     return squeeze_triton(reserved, pruned)
+
+
+def _cuda_tokens_kernel(x: torch.Tensor, kept_idx: torch.Tensor, pruned_idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    if x.dtype not in _SUPPORTED_DTYPES:
+        from tokenreduce.ops.squeeze import squeeze_tokens_reference
+
+        return squeeze_tokens_reference(x, kept_idx, pruned_idx, num_prefix)
+    return squeeze_tokens_triton(x, kept_idx, pruned_idx, num_prefix)
