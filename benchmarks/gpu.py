@@ -99,6 +99,18 @@ def short_error(err: BaseException) -> str:
     return text[:400]
 
 
+def autotune_timings() -> dict:
+    """The Triton squeeze's last autotuning: each config's time (ms) for both kernels."""
+    from tokenreduce.ops import squeeze_triton as st
+
+    out = {}
+    for name, tuner in (("hosts", st._hosts_tuned), ("fuse", st._fuse_tuned)):
+        timings = getattr(tuner, "configs_timings", None) or {}
+        out[name] = {f"{c.kwargs} w{c.num_warps} s{c.num_stages}": round(float(t[0] if isinstance(t, (list, tuple)) else t), 4)
+                     for c, t in timings.items()}
+    return out
+
+
 def graphed(fn):
     """``fn`` captured in a CUDA graph after warm-up calls (autotuning, compilation); returns the
     replay, so timing it measures GPU time without Python launch overhead."""
@@ -382,7 +394,8 @@ class Bench:
                 entry = {"shape": [B, P, n, k, C], "dtype": str(dtype).replace("torch.", "")}
                 try:
                     with torch.no_grad():
-                        y = squeeze_tokens_triton(x, kept, pruned, P).float()
+                        y = squeeze_tokens_triton(x, kept, pruned, P).float()  # autotunes
+                        entry["autotune_ms"] = autotune_timings()
                         ref = squeeze_tokens_reference(x.float(), kept, pruned, P)
                         row_rel = (y - ref).norm(dim=-1) / ref.norm(dim=-1)
                         entry["rows_off_by_1pct"] = float((row_rel > 1e-2).float().mean())
@@ -407,6 +420,7 @@ class Bench:
                 log(f"  {e['shape']} {e['dtype']:>8}: {e['triton_ms']:.3f} / {e['reference_ms']:.3f} / "
                     f"{e['inductor_ms']:.3f} / {e['memory_floor_ms']:.3f}; topk_split {e['topk_split_ms']:.3f}"
                     f"  ({e['rows_off_by_1pct']:.2%})")
+                log(f"    autotune (ms): {e.get('autotune_ms')}")
         self.save()
 
     # ------------------------------------------------------------------ profile

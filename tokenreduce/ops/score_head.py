@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -55,11 +56,8 @@ class ScoreHead(nn.Module):
             # The clamp only matters when no token is alive (0 / 0); with >= 1 alive token
             # and 0/1 masks the denominator is >= 1 and the value is the plain weighted mean.
             glob = (feat * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        # classify[0] on cat([local, glob expanded over n]) (B, n, C), computed as its two halves:
-        # the global half once per image. Same function, without (B, n, C/2) redundant work.
-        first = self.classify[0]
-        z = F.linear(local, first.weight[:, :half], first.bias) + F.linear(glob, first.weight[:, half:])
-        return F.log_softmax(self.classify[1:](z), dim=-1)  # (B, n, 2)
+        z = torch.cat([local, glob.expand(-1, n, -1)], dim=-1)  # (B, n, C)
+        return F.log_softmax(self.classify(z), dim=-1)  # (B, n, 2)
 
 
 def gumbel_keep(log_probs: Tensor, tau: float = 1.0) -> Tensor:

@@ -245,11 +245,13 @@ if _HAVE_TRITON:
     # The first entry of each list is the untuned default (and the interpreter's only config).
     _HOSTS_CONFIGS = [  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
         (32, 64, 64, 4, 2), (16, 64, 64, 4, 2), (16, 128, 64, 4, 2), (32, 64, 128, 8, 2),
-        (16, 64, 128, 4, 3), (64, 64, 64, 4, 2),
+        (16, 64, 128, 4, 3), (64, 64, 64, 4, 2), (16, 64, 32, 2, 2), (16, 32, 64, 2, 3),
+        (16, 64, 64, 4, 4),
     ]
     _FUSE_CONFIGS = [  # (BLOCK_R, BLOCK_P, BLOCK_C, warps, stages)
         (64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (32, 32, 128, 4, 2), (64, 32, 128, 4, 2),
-        (128, 64, 64, 8, 2), (32, 64, 32, 4, 2),
+        (128, 64, 64, 8, 2), (32, 64, 32, 4, 2), (32, 64, 64, 2, 1), (16, 64, 128, 4, 1),
+        (64, 64, 32, 4, 1),
     ]
     # Tuned per problem size and dtype (Triton adds the tensor dtypes to the key).
     _hosts_tuned = triton.autotune(
