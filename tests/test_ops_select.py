@@ -133,3 +133,15 @@ def test_fuse_one_gradcheck():
 def test_drop_returns_reserved(Np):
     reserved = torch.randn(2, 4, 3)
     assert drop(reserved, torch.randn(2, Np, 3)) is reserved
+
+
+def test_topk_split_exact_under_autocast():
+    """The prefix counts are a matmul: autocast must not round them (bf16 holds integers only to
+    256), so a 700-token split still equals the sort-based one."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 700, generator=g)
+    scores[:, ::3] = 0.5  # 234 exact ties per row, straddling the cut
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = topk_split(scores, 300)
+    for a, b in zip(got, _split_by_sort(scores, 300)):
+        assert torch.equal(a, b)
