@@ -243,15 +243,16 @@ if _HAVE_TRITON:
         ]
 
     # The first entry of each list is the untuned default (and the interpreter's only config).
+    # Measured on an H200 at DeiT's first-site shapes (fp32 stream, 137 reserved, 59 pruned): the
+    # hosts kernel is fastest with one program per image's pruned block (reserved rows are then
+    # read once), the fuse kernel with wide channel tiles.
     _HOSTS_CONFIGS = [  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
-        (32, 64, 64, 4, 2), (16, 64, 64, 4, 2), (16, 128, 64, 4, 2), (32, 64, 128, 8, 2),
-        (16, 64, 128, 4, 3), (64, 64, 64, 4, 2), (16, 64, 32, 2, 2), (16, 32, 64, 2, 3),
-        (16, 64, 64, 4, 4),
+        (64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 32, 64, 4, 2), (64, 64, 128, 8, 2),
+        (64, 128, 64, 8, 2), (64, 64, 32, 4, 3), (16, 64, 32, 2, 2),
     ]
     _FUSE_CONFIGS = [  # (BLOCK_R, BLOCK_P, BLOCK_C, warps, stages)
-        (64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (32, 32, 128, 4, 2), (64, 32, 128, 4, 2),
-        (128, 64, 64, 8, 2), (32, 64, 32, 4, 2), (32, 64, 64, 2, 1), (16, 64, 128, 4, 1),
-        (64, 64, 32, 4, 1),
+        (32, 32, 128, 4, 2), (64, 64, 64, 4, 2), (16, 64, 128, 4, 1), (32, 32, 256, 8, 2),
+        (16, 32, 256, 4, 2), (32, 64, 128, 8, 2), (16, 32, 128, 4, 2), (32, 64, 64, 2, 1),
     ]
     # Tuned per problem size and dtype (Triton adds the tensor dtypes to the key).
     _hosts_tuned = triton.autotune(
