@@ -27,6 +27,8 @@ a run of its own.  Results are written to ``--out`` after every measurement (``g
 
     PYTHONPATH=. python3 benchmarks/gpu.py                      # full run, ~9 min on one H100
     PYTHONPATH=. python3 benchmarks/gpu.py --models deit_small_patch16_224 --profile
+    PYTHONPATH=. python3 benchmarks/gpu.py --models deit_small_patch16_224 --methods etps \
+        --inline-too                                            # operator vs inlined squeeze
     PYTHONPATH=. python3 benchmarks/gpu.py --quick --device cpu --models deit_tiny_patch16_224 \\
         --batch 2 --no-compile                                  # CPU smoke run
 """
@@ -57,7 +59,8 @@ DEFAULT_RATIOS = (0.7, 0.5)
 # Hybrids take the library's default sites (PVT: the starts of stages 2-4), not ViT block indices.
 HYBRIDS = ("pvt_", "cvt_")
 # Kernel names that belong to choosing and merging tokens (profile share).
-REDUCTION_KERNELS = r"topk|sort|gather|scatter|index|squeeze|argmax|arg_max"
+# Not plain "squeeze": Inductor names the kernels that consume the op's output after it too.
+REDUCTION_KERNELS = r"topk|sort|gather|scatter|index|^_squeeze_|squeeze_reference|argmax|arg_max"
 # Rough first guesses of compile + timing seconds, replaced by what is measured.
 FIRST_GUESS_S = {"A": 10.0, "B": 45.0, "C": 35.0}
 
@@ -71,6 +74,7 @@ class Variant:
     kind: str  # "dense" | "limit" | "reduced"
     method: str | None = None  # for a limit: the method whose plan it mirrors
     ratio: float | None = None
+    inline: bool = False  # reduced, compiled with the squeeze inlined (set_squeeze_impl("inline"))
 
     @property
     def name(self) -> str:
@@ -78,7 +82,7 @@ class Variant:
             return "dense"
         if self.kind == "limit":
             return f"limit[{self.method}]@{self.ratio:g}"
-        return f"{self.method}@{self.ratio:g}"
+        return f"{self.method}@{self.ratio:g}" + ("+inline" if self.inline else "")
 
 
 def parse_variant(name: str) -> Variant:
@@ -87,7 +91,8 @@ def parse_variant(name: str) -> Variant:
     head, _, ratio = name.partition("@")
     if head.startswith("limit["):
         return Variant("limit", head[len("limit["):-1], float(ratio))
-    return Variant("reduced", head, float(ratio))
+    ratio, plus, _ = ratio.partition("+inline")
+    return Variant("reduced", head, float(ratio), inline=bool(plus))
 
 
 def is_hybrid(model_name: str) -> bool:
@@ -228,6 +233,9 @@ class Bench:
         key = (model_name, variant.name)
         if key in self.modules:
             return self.modules[key]
+        if variant.inline:  # the same module as the operator variant; only compilation differs
+            self.modules[key] = self.module(model_name, Variant("reduced", variant.method, variant.ratio))
+            return self.modules[key]
         base = self.base(model_name)
         if variant.kind == "dense":
             m = base
@@ -253,6 +261,9 @@ class Bench:
         families = sorted({limit_family(m) for m in self.args.methods})
         out += [Variant("limit", f, r) for f in families for r in self.args.ratios]
         out += [Variant("reduced", m, r) for m in self.args.methods for r in self.args.ratios]
+        if self.args.inline_too:  # the same reduced models, compiled with the squeeze inlined
+            out += [Variant("reduced", m, r, inline=True) for m in self.args.methods
+                    for r in self.args.ratios if m in ("etps", "dtps")]
         return out
 
     def schedule(self) -> list[tuple[str, str, Variant]]:
@@ -344,6 +355,9 @@ class Bench:
             from torch._dynamo.utils import counters
 
             counters.clear()
+            from tokenreduce.ops import set_squeeze_impl
+
+            set_squeeze_impl("inline" if variant.inline else "op")  # read while compiling
             cm = torch.compile(m, mode=mode)
             with torch.no_grad(), self.autocast():
                 cm(x)  # compile
@@ -549,6 +563,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="eager only (no B, no C)")
     p.add_argument("--no-b1", action="store_true", help="no C (batch-1 reduce-overhead latency)")
     p.add_argument("--no-micro", action="store_true", help="skip the squeeze kernel micro-benchmark")
+    p.add_argument("--inline-too", action="store_true",
+                   help="also compile etps/dtps with the squeeze inlined for Inductor (variants '+inline')")
     p.add_argument("--no-triton-squeeze", action="store_true",
                    help="keep the reference squeeze on CUDA (do not register the Triton kernel)")
     p.add_argument("--profile", action="store_true",

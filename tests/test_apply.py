@@ -119,3 +119,23 @@ def test_flops_of_deit_small_match_the_papers():
         s = tokenreduce.summary(tokenreduce.apply(model, method=method, locs=[3, 6, 9], keep_ratio=0.7))
         assert abs(s.gflops_dense - 4.6) / 4.6 < 0.01
         assert abs(s.gflops_reduced - gflops) / gflops < 0.03, (method, s.gflops_reduced)
+
+
+def test_indexed_reducer_equals_its_plain_form():
+    """Sites call squeeze's indexed form (one fused op); a reducer registered with only the plain
+    form (gathered kept/pruned tensors) must give the same model output, bit for bit on CPU."""
+    from tokenreduce import Method, register_method, register_reducer
+    from tokenreduce.methods import INDEXED_REDUCERS, METHODS, REDUCERS
+
+    register_reducer("squeeze_plain", lambda kept, pruned, scores: tokenreduce.ops.squeeze(kept, pruned))
+    register_method(Method("etps_plain", "cls_attention", "squeeze_plain", "after_attn", "per_site"))
+    try:
+        assert "squeeze_plain" not in INDEXED_REDUCERS and "squeeze" in INDEXED_REDUCERS
+        model, x = build(DEIT_S, (2, 3, 224, 224))
+        fused = tokenreduce.apply(model, method="etps", locs=[3, 6, 9], keep_ratio=0.5, example_input=x)
+        plain = tokenreduce.apply(model, method="etps_plain", locs=[3, 6, 9], keep_ratio=0.5, example_input=x)
+        with torch.no_grad():
+            assert torch.equal(fused.eval()(x), plain.eval()(x))
+    finally:
+        METHODS.pop("etps_plain", None)
+        REDUCERS.pop("squeeze_plain", None)
