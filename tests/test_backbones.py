@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.fx
 from tokenreduce.backbones._common import Mlp
-from torch.utils.flop_counter import FlopCounterMode
+from tokenreduce.flops import gflops
 
 import tokenreduce.backbones  # noqa: F401  (registers the models with timm)
 from tokenreduce.backbones import checkpoint_filter_fn
@@ -47,10 +47,10 @@ def _eval(name, **kwargs):
 
 
 def _macs(model, img_size=224, device="cpu"):
-    """Multiply-adds (FlopCounterMode total / 2) of one forward, in G."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, img_size, img_size, device=device))
-    return counter.get_total_flops() / 2e9
+    """Multiply-adds (FlopCounterMode total / 2) of one forward, in G. Through ``gflops``, which
+    registers the CPU fused-attention formula torch < 2.6 lacks (else the count depends on
+    whether another test called it first)."""
+    return gflops(model, torch.randn(1, 3, img_size, img_size, device=device))
 
 
 # --------------------------------------------------------------------------- registry, cfgs

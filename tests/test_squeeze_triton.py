@@ -351,8 +351,11 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
     for kernel, constexprs in kernels:
         names = kernel.arg_names
         signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
-        src = ASTSource(fn=kernel, signature=signature,
-                        constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        try:
+            src = ASTSource(fn=kernel, signature=signature,
+                            constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        except TypeError as err:  # triton < 3.3 spells the constants differently
+            pytest.skip(f"this triton's ahead-of-time compile API differs: {err}")
         try:
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": 4, "enable_fp_fusion": True})
