@@ -309,6 +309,19 @@ def test_argument_errors_name_the_argument():
         squeeze_triton(r, torch.zeros(2, 1, 5))
 
 
+def test_indexed_argument_errors_name_the_argument():
+    from tokenreduce.ops.squeeze_triton import squeeze_tokens_triton
+
+    x = torch.zeros(2, 5, 4)
+    kept, pruned = torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"x must be a \(B, P \+ n, C\) float32, bfloat16 or float16 tensor"):
+        squeeze_tokens_triton(x.double(), kept, pruned, 1)
+    with pytest.raises(ValueError, match=r"pruned_idx must be a \(B, m\) int64 tensor"):
+        squeeze_tokens_triton(x, kept, pruned.int(), 1)
+    with pytest.raises(ValueError, match=r"num_prefix must be in \[0, 5\]"):
+        squeeze_tokens_triton(x, kept, pruned, 6)
+
+
 def test_identity_cases_copy_reserved():
     from tokenreduce.ops.squeeze_triton import squeeze_triton
 

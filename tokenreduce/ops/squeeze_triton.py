@@ -347,11 +347,19 @@ def squeeze_tokens_triton(
 
 
 def _squeeze_tokens_with_hosts(x, kept_idx, pruned_idx, num_prefix):
-    _validate(x, x)
+    """``squeeze_tokens_triton`` plus the host index of every pruned token, (B, Np) int32."""
+    op = "squeeze_tokens_triton"
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: x must be a (B, P + n, C) float32, bfloat16 or float16 tensor; got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+                         f"{' ' + str(x.dtype) if isinstance(x, torch.Tensor) else ''}")
     for name, idx in (("kept_idx", kept_idx), ("pruned_idx", pruned_idx)):
         if idx.dim() != 2 or idx.dtype != torch.int64 or idx.shape[0] != x.shape[0] or idx.device != x.device:
-            raise ValueError(f"squeeze_tokens_triton: {name} must be a (B, m) int64 tensor on x's device; "
+            raise ValueError(f"{op}: {name} must be a (B, m) int64 tensor on x's device; "
                              f"got {tuple(idx.shape)} {idx.dtype} on {idx.device}")
+    if not 0 <= num_prefix <= x.shape[1]:
+        raise ValueError(f"{op}: num_prefix must be in [0, {x.shape[1]}] for x of shape {tuple(x.shape)}; "
+                         f"got {num_prefix}")
     B, _, C = x.shape
     Nr, Np = kept_idx.shape[1], pruned_idx.shape[1]
     if B == 0 or C == 0 or num_prefix + Nr == 0:
