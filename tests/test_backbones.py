@@ -7,12 +7,12 @@ import timm
 import torch
 import torch.fx
 from tokenreduce.backbones._common import Mlp
-from tokenreduce.flops import gflops
 
 import tokenreduce.backbones  # noqa: F401  (registers the models with timm)
 from tokenreduce.backbones import checkpoint_filter_fn
 from tokenreduce.backbones.cvt import ConvAttention
 from tokenreduce.backbones.pvt import SpatialReductionAttention
+from tokenreduce.flops import gflops
 
 # name -> (params in M, GMACs at 224 px), as published (PVT Table 2; CvT Table 2).
 PAPER = {

@@ -30,23 +30,27 @@ def _register_missing() -> None:
         def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
             return _sdpa_flops(query_shape, key_shape, value_shape)
 
-    squeeze = getattr(getattr(torch.ops, "tokenreduce", None), "squeeze", None)
+    ops = getattr(torch.ops, "tokenreduce", None)
+    squeeze = getattr(ops, "squeeze", None)
     if squeeze is not None and squeeze not in flop_registry:
 
         @register_flop_formula(squeeze)
         def _squeeze(reserved_shape, pruned_shape, *args, out_shape=None, **kwargs) -> int:
             b, nr, c = reserved_shape
-            npr = pruned_shape[1]
-            return 2 * b * npr * nr * c + 2 * b * npr * c  # similarity + weighted accumulation
+            return _merge_flops(b, nr, pruned_shape[1], c)
 
-    squeeze_tokens = getattr(getattr(torch.ops, "tokenreduce", None), "squeeze_tokens", None)
+    squeeze_tokens = getattr(ops, "squeeze_tokens", None)
     if squeeze_tokens is not None and squeeze_tokens not in flop_registry:
 
         @register_flop_formula(squeeze_tokens)
         def _squeeze_tokens(x_shape, kept_shape, pruned_shape, *args, out_shape=None, **kwargs) -> int:
             b, _, c = x_shape
-            nr, npr = kept_shape[1], pruned_shape[1]
-            return 2 * b * npr * nr * c + 2 * b * npr * c  # as squeeze
+            return _merge_flops(b, kept_shape[1], pruned_shape[1], c)
+
+
+def _merge_flops(b: int, nr: int, npr: int, c: int) -> int:
+    """The squeeze of ``npr`` pruned into ``nr`` reserved tokens of ``c`` channels, ``b`` images."""
+    return 2 * b * npr * nr * c + 2 * b * npr * c  # similarity + weighted accumulation
 
 
 def gflops(model: nn.Module, example: torch.Tensor) -> float:

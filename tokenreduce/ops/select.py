@@ -40,23 +40,23 @@ def topk_split(scores: Tensor, k: int | torch.SymInt) -> tuple[Tensor, Tensor]:
     above = scores > kth
     tied = scores == kth
     room = k - above.sum(dim=1, keepdim=True)  # (B, 1): places left for tied tokens
-    keep = above | (tied & (_count_upto(tied) <= room))  # (B, n), exactly k per row
-    rank = _count_upto(keep)  # (B, n): kept tokens at or before i
+    upper = torch.ones(n, n, device=scores.device).triu()  # upper[j, i] = 1 where j <= i
+    keep = above | (tied & (_count_upto(tied, upper) <= room))  # (B, n), exactly k per row
+    rank = _count_upto(keep, upper)  # (B, n): kept tokens at or before i
     i = torch.arange(n, device=scores.device)
     slot = torch.where(keep, rank - 1, k + i - rank)  # a permutation of 0..n-1 per row
     order = torch.empty_like(slot).scatter_(1, slot, i.expand_as(slot))  # (B, n)
     return order[:, :k], order[:, k:]
 
 
-def _count_upto(mask: Tensor) -> Tensor:
-    """(B, n) bool -> (B, n) int64 inclusive prefix counts, ``mask[:, :i + 1].sum(1)``.
+def _count_upto(mask: Tensor, upper: Tensor) -> Tensor:
+    """(B, n) bool, (n, n) upper-triangular ones -> (B, n) int64 inclusive prefix counts,
+    ``mask[:, :i + 1].sum(1)``.
 
     A float32 matmul with a triangular matrix of ones rather than ``cumsum``: exact (0/1 products,
     integer sums below 2^24, also with TF32), one GEMM on any device, and it avoids Inductor's
     scan kernels (torch 2.11 fails to generate one for an int64 cumsum in the dTPS graph).
     """
-    n = mask.shape[1]
-    upper = torch.ones(n, n, device=mask.device).triu()  # upper[j, i] = 1 where j <= i
     with torch.autocast(mask.device.type, enabled=False):  # bf16 would round counts above 256
         return (mask.float() @ upper).long()
 

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ._validate import check_float, check_index, check_shape, check_size_match, check_tensor, check_token_pair
+from .select import gather_tokens
 
 __all__ = [
     "SqueezeAssignment",
@@ -219,17 +220,13 @@ def set_squeeze_impl(impl: str) -> None:
     INLINE_UNDER_COMPILE = impl == "inline"
 
 
-def _gather(x: Tensor, idx: Tensor) -> Tensor:
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # (B, m, C)
-
-
 def squeeze_tokens_reference(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: int) -> Tensor:
     """Plain indexed squeeze: (B, P + n, C), (B, k), (B, n - k), P -> (B, P + k, C). No validation.
 
     The default kernel of ``tokenreduce::squeeze_tokens`` and what its backward differentiates.
     """
     patches = x[:, num_prefix:]
-    reserved = squeeze_reference(_gather(patches, kept_idx), _gather(patches, pruned_idx))
+    reserved = squeeze_reference(gather_tokens(patches, kept_idx), gather_tokens(patches, pruned_idx))
     return torch.cat([x[:, :num_prefix], reserved], dim=1)
 
 
