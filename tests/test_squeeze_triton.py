@@ -135,7 +135,7 @@ SIZES = [
 ]
 # Several tiles along every loop: Nr > 64 (reserved tiles), Np > 32 / 64 (pruned blocks and the
 # fuse kernel's pruned loop), C > 64 (channel chunks and channel grid).
-SIZES += [(2, 80, 70, 130)]  # DeiT-S's (137, 59, 384) is in test_interp_matches_project_reference
+SIZES += [(2, 80, 70, 130), (1, 150, 140, 20)]  # the last: > 128 pruned and output rows. DeiT-S's (137, 59, 384) is in test_interp_matches_project_reference
 
 
 @interp
@@ -182,6 +182,21 @@ def test_interp_ties_pick_lowest_index():
     y, hosts = _squeeze_with_hosts(r, p)
     assert hosts.tolist() == [[5, 3, 5]] * B
     assert torch.equal(y[:, 70], r[:, 70]) and torch.equal(y[:, 9], r[:, 9])
+    check(r, p, y, hosts, rtol=1e-5, atol=1e-6, host_tol=0.0)
+
+
+@interp
+def test_interp_negative_cosines_order_and_tie():
+    # Every cosine negative: the packed host keys must order negative floats correctly and still
+    # prefer the lowest index between tiles (rows 10 and 75 tie at the maximum, -0.447).
+    from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
+
+    r = torch.ones(1, 80, 2)  # cos -0.949 with the pruned token
+    r[0, 3] = torch.tensor([1.0, 0.0])  # -0.894
+    r[0, 10] = r[0, 75] = torch.tensor([0.0, 1.0])  # -0.447
+    p = torch.tensor([[[-1.0, -0.5]]])
+    y, hosts = _squeeze_with_hosts(r, p)
+    assert hosts.tolist() == [[10]]
     check(r, p, y, hosts, rtol=1e-5, atol=1e-6, host_tol=0.0)
 
 
@@ -250,7 +265,8 @@ def check_indexed(x, kept, pruned, P, y, hosts, **tol):
     check(r, p, y[:, P:], hosts, **tol)
 
 
-INDEXED_SIZES = [(2, 1, 20, 13, 24), (3, 0, 9, 4, 100), (2, 2, 90, 70, 70), (1, 1, 5, 5, 8), (2, 1, 66, 1, 16)]
+INDEXED_SIZES = [(2, 1, 20, 13, 24), (3, 0, 9, 4, 100), (2, 2, 90, 70, 70), (1, 1, 5, 5, 8), (2, 1, 66, 1, 16),
+                 (1, 1, 300, 140, 20)]  # > 128 pruned (blocks of 64) and output rows (two row groups)
 
 
 @interp
@@ -354,12 +370,14 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
     from tokenreduce.ops import squeeze_triton as st
 
     pointers = {"r_ptr": f"*{dtype}", "p_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
-                "ridx_ptr": "*i64", "pidx_ptr": "*i64", "host_ptr": "*i32", "w_ptr": "*fp32"}
+                "ridx_ptr": "*i64", "pidx_ptr": "*i64", "key_ptr": "*i64"}
     precision = "tf32x3" if dtype == "fp32" else "tf32"
-    common = dict(PRECISION=precision, DOT_F32=False, HAS_IDX=has_idx)
-    kernels = [  # the default (first) config of each autotuned kernel
+    common = dict(PRECISION=precision, DOT_F32=False, HAS_IDX=has_idx, BLOCK_P=64)
+    fuse = dict(E=math.e, SPLIT_W=dtype != "fp32", **common, **st._fuse_tuned.configs[0].kwargs)
+    kernels = [  # the default (first) config of each autotuned kernel; the fuse with both pruned loops
         (st._squeeze_hosts_kernel, dict(EPS=1e-6, **common, **st._hosts_tuned.configs[0].kwargs)),
-        (st._squeeze_fuse_kernel, dict(E=math.e, SPLIT_W=dtype != "fp32", **common, **st._fuse_tuned.configs[0].kwargs)),
+        (st._squeeze_fuse_kernel, dict(ONE_P=True, **fuse)),
+        (st._squeeze_fuse_kernel, dict(ONE_P=False, **fuse)),
     ]
     for kernel, constexprs in kernels:
         names = kernel.arg_names

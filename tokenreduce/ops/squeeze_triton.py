@@ -9,21 +9,24 @@
 
 and ``squeeze_tokens_triton(x, kept_idx, pruned_idx, P)`` the same with the reserved and pruned
 rows read from the token stream through their indices (``P + idx``) and the P leading rows
-copied through, so a reduction site is two launches with no gather, no concatenation, no
-atomics (the result is deterministic) and nothing of size (B, Nr, C) besides the output:
+copied through, so a reduction site is a fill and two launches with no gather, no concatenation
+and nothing of size (B, Nr, C) besides the output; the result is deterministic:
 
-    _squeeze_hosts_kernel   grid (cdiv(Np, BLOCK_P), B)
-        one program per block of pruned rows: norms of its rows, then for each tile of reserved
-        rows the dot products (``tl.dot``, fp32 accumulation) and their norms, keeping a running
-        max / argmax.  Writes host (B, Np) int32 and weight exp(c_max) (B, Np) fp32.
-    _squeeze_fuse_kernel    grid (cdiv(P + Nr, BLOCK_R), cdiv(C, BLOCK_C), B)
-        one program per (tile of output rows, tile of channels): builds the weight matrix
+    _squeeze_hosts_kernel   grid (cdiv(Nr, BLOCK_R), cdiv(Np, BLOCK_P), B)
+        one program per (tile of reserved rows, block of pruned rows): in one pass over the
+        channels the dot products (``tl.dot``, fp32 accumulation) and both rows' norms, then the
+        tile's max / argmax per pruned row, combined across tiles by ``atomic_max`` on one int64
+        key per pruned token (cosine bits above, 2^31 - 1 - host below: the maximum is the
+        largest cosine at the lowest host, whatever the order of the programs).
+    _squeeze_fuse_kernel    grid (cdiv(C, BLOCK_C), cdiv(P + Nr, ROW_TILES * BLOCK_R), B)
+        one program per (channel tile, group of ROW_TILES output-row tiles); up to 128 pruned
+        tokens are one block read once per program.  Per row tile it builds the weight matrix
         W[j, i] = [h(i) == j] exp(c_max_i) of shape (BLOCK_R, BLOCK_P) in registers and gets
         num = W @ xp with ``tl.dot``, den = W.sum(1); writes
         y = where(den > 0, (e * xr + num) / (e + den), xr) in the input dtype.
 
-Block sizes, warps and stages are autotuned per (sizes, dtype) on the first call from a short
-list (``_HOSTS_CONFIGS``, ``_FUSE_CONFIGS``).
+Block sizes (BLOCK_R, BLOCK_C, ROW_TILES), warps and stages are autotuned per (sizes, dtype) on
+the first call from a short list (``_HOSTS_CONFIGS``, ``_FUSE_CONFIGS``); BLOCK_P follows Np.
 
 All sums are in fp32.  Precision of the two matrix products:
   * fp32 inputs: ``input_precision="tf32x3"`` (three TF32 tensor-core products; close to fp32).
@@ -87,9 +90,28 @@ if _HAVE_TRITON:
         else:
             return offs.to(tl.int64)
 
+    # A pruned token's best host is kept as one int64 key, so that the programs that each see a
+    # tile of reserved rows combine with one ``atomic_max`` (order-independent: deterministic):
+    #   high 32 bits: the cosine's float bits mapped to an int32 of the same order (-0 as +0)
+    #   low 32 bits:  2^31 - 1 - host, so that among equal cosines the lowest host is largest.
+    @triton.jit
+    def _pack_host(cos, host):
+        cos = tl.where(cos == 0.0, 0.0, cos)
+        bits = cos.to(tl.int32, bitcast=True)
+        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        return (bits.to(tl.int64) << 32) | (2147483647 - host).to(tl.int64)
+
+    @triton.jit
+    def _unpack_host(key):
+        """(host int32, exp(cosine) fp32) of a packed key."""
+        host = 2147483647 - (key & 2147483647).to(tl.int32)
+        bits = (key >> 32).to(tl.int32)
+        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        return host, tl.exp(bits.to(tl.float32, bitcast=True))
+
     @triton.jit
     def _squeeze_hosts_kernel(
-        r_ptr, p_ptr, ridx_ptr, pidx_ptr, host_ptr, w_ptr,
+        r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr,
         Nr, Np, C, P,
         s_rb, s_rn, s_rc,
         s_pb, s_pn, s_pc,
@@ -100,70 +122,94 @@ if _HAVE_TRITON:
         HAS_IDX: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        pid_p = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        pid_r = tl.program_id(0)
+        pid_p = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
         r_base = r_ptr + b * s_rb
         p_base = p_ptr + b * s_pb
 
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
         mask_p = offs_p < Np
         rows_p = _rows(pidx_ptr, s_qb, s_qn, b, offs_p, mask_p, P, HAS_IDX)
+        r0 = pid_r * BLOCK_R
+        offs_r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        mask_r = offs_r < Nr
+        rows_r = _rows(ridx_ptr, s_kb, s_kn, b, offs_r, mask_r, P, HAS_IDX)
         arange_c = tl.arange(0, BLOCK_C)
-        arange_r = tl.arange(0, BLOCK_R)
 
-        # |xp_i| over the full channel range, fp32.
+        # One pass over the channels: the dot products and both sets of squared norms, fp32.
+        dots = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
         ssq_p = tl.zeros([BLOCK_P], dtype=tl.float32)
+        ssq_r = tl.zeros([BLOCK_R], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + arange_c
+            mask_c = offs_c < C
             xp = tl.load(
                 p_base + rows_p[:, None] * s_pn + offs_c[None, :] * s_pc,
-                mask=mask_p[:, None] & (offs_c < C)[None, :], other=0.0,
-            ).to(tl.float32)  # (BLOCK_P, BLOCK_C)
-            ssq_p += tl.sum(xp * xp, axis=1)
+                mask=mask_p[:, None] & mask_c[None, :], other=0.0,
+            )  # (BLOCK_P, BLOCK_C), input dtype
+            xr_t = tl.load(
+                r_base + rows_r[None, :] * s_rn + offs_c[:, None] * s_rc,
+                mask=mask_c[:, None] & mask_r[None, :], other=0.0,
+            )  # (BLOCK_C, BLOCK_R), input dtype: reserved tile, transposed
+            xp_f = xp.to(tl.float32)
+            xr_f = xr_t.to(tl.float32)
+            if DOT_F32:
+                dots = tl.dot(xp_f, xr_f, dots, input_precision=PRECISION)
+            else:
+                dots = tl.dot(xp, xr_t, dots, input_precision=PRECISION)
+            ssq_p += tl.sum(xp_f * xp_f, axis=1)
+            ssq_r += tl.sum(xr_f * xr_f, axis=0)
         inv_p = 1.0 / (tl.sqrt(ssq_p) + EPS)
+        inv_r = 1.0 / (tl.sqrt(ssq_r) + EPS)
+        cos = dots * inv_p[:, None] * inv_r[None, :]  # (BLOCK_P, BLOCK_R)
+        cos = tl.where(mask_r[None, :], cos, float("-inf"))
+        tile_max = tl.max(cos, axis=1)
+        tile_arg = tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32) + r0
+        tl.atomic_max(key_ptr + b * Np + offs_p, _pack_host(tile_max, tile_arg), mask=mask_p)
 
-        best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
-        best_idx = tl.zeros([BLOCK_P], dtype=tl.int32)
-        for r0 in range(0, Nr, BLOCK_R):
-            offs_r = r0 + arange_r
-            mask_r = offs_r < Nr
-            rows_r = _rows(ridx_ptr, s_kb, s_kn, b, offs_r, mask_r, P, HAS_IDX)
-            dots = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
-            ssq_r = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + arange_c
-                mask_c = offs_c < C
-                xp = tl.load(
-                    p_base + rows_p[:, None] * s_pn + offs_c[None, :] * s_pc,
-                    mask=mask_p[:, None] & mask_c[None, :], other=0.0,
-                )  # (BLOCK_P, BLOCK_C), input dtype
-                xr_t = tl.load(
-                    r_base + rows_r[None, :] * s_rn + offs_c[:, None] * s_rc,
-                    mask=mask_c[:, None] & mask_r[None, :], other=0.0,
-                )  # (BLOCK_C, BLOCK_R), input dtype: reserved tile, transposed
-                xr_f = xr_t.to(tl.float32)
-                if DOT_F32:
-                    dots = tl.dot(xp.to(tl.float32), xr_f, dots, input_precision=PRECISION)
-                else:
-                    dots = tl.dot(xp, xr_t, dots, input_precision=PRECISION)
-                ssq_r += tl.sum(xr_f * xr_f, axis=0)
-            inv_r = 1.0 / (tl.sqrt(ssq_r) + EPS)
-            cos = dots * inv_p[:, None] * inv_r[None, :]  # (BLOCK_P, BLOCK_R)
-            cos = tl.where(mask_r[None, :], cos, float("-inf"))
-            tile_max = tl.max(cos, axis=1)
-            tile_arg = tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32) + r0
-            # Strict '>' keeps the earlier tile on ties: lowest index wins overall.
-            better = tile_max > best
-            best = tl.where(better, tile_max, best)
-            best_idx = tl.where(better, tile_arg, best_idx)
+    @triton.jit
+    def _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
+                     s_pb, s_pn, s_pc, s_qb, s_qn,
+                     HAS_IDX: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Pruned tokens p0 .. p0 + BLOCK_P: host (BLOCK_P,) int32 (-1 past Np), weight
+        exp(cosine) (BLOCK_P,) fp32 and their rows' channel tile (BLOCK_P, BLOCK_C)."""
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < Np
+        rows_p = _rows(pidx_ptr, s_qb, s_qn, b, offs_p, mask_p, P, HAS_IDX)
+        host, w = _unpack_host(tl.load(key_ptr + b * Np + offs_p, mask=mask_p, other=0))
+        host = tl.where(mask_p, host, -1)  # output rows with offs_j == -1 never read it (is_res)
+        xp = tl.load(
+            p_ptr + b * s_pb + rows_p[:, None] * s_pn + offs_c[None, :] * s_pc,
+            mask=mask_p[:, None] & mask_c[None, :], other=0.0,
+        )
+        return host, w, xp
 
-        out_offs = b * Np + offs_p
-        tl.store(host_ptr + out_offs, best_idx, mask=mask_p)
-        tl.store(w_ptr + out_offs, tl.exp(best), mask=mask_p)
+    @triton.jit
+    def _merge_tile(num, den, offs_j, is_res, host, w, xp,
+                    SPLIT_W: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+        """num += W @ xp, den += W.sum(1) for W[j, i] = [host_i == j] w_i: (BLOCK_R, BLOCK_P)."""
+        chose = (offs_j[:, None] == host[None, :]) & is_res[:, None]
+        wmat = tl.where(chose, w[None, :], 0.0)
+        den += tl.sum(wmat, axis=1)
+        if SPLIT_W:
+            # 16-bit inputs: W = hi + lo, both exactly representable in xp's dtype.
+            w_hi = wmat.to(xp.dtype)
+            w_lo = (wmat - w_hi.to(tl.float32)).to(xp.dtype)
+            if DOT_F32:
+                xp_f = xp.to(tl.float32)
+                num = tl.dot(w_hi.to(tl.float32), xp_f, num, input_precision=PRECISION)
+                num = tl.dot(w_lo.to(tl.float32), xp_f, num, input_precision=PRECISION)
+            else:
+                num = tl.dot(w_hi, xp, num)
+                num = tl.dot(w_lo, xp, num)
+        else:
+            num = tl.dot(wmat, xp, num, input_precision=PRECISION)
+        return num, den
 
     @triton.jit
     def _squeeze_fuse_kernel(
-        r_ptr, p_ptr, ridx_ptr, pidx_ptr, host_ptr, w_ptr, y_ptr,
+        r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, y_ptr,
         Nr, Np, C, P,
         s_rb, s_rn, s_rc,
         s_pb, s_pn, s_pc,
@@ -174,66 +220,51 @@ if _HAVE_TRITON:
         PRECISION: tl.constexpr,
         DOT_F32: tl.constexpr,
         HAS_IDX: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        ONE_P: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROW_TILES: tl.constexpr,
     ):
-        pid_r = tl.program_id(0)
-        pid_c = tl.program_id(1)
+        pid_c = tl.program_id(0)
+        pid_g = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-
-        # Output rows: P pass-through rows (source rows 0..P-1), then the Nr reserved ones.
-        offs_o = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask_o = offs_o < P + Nr
-        offs_j = offs_o - P  # reserved index; negative on pass-through rows
-        is_res = mask_o & (offs_j >= 0)
-        rows_o = tl.where(is_res, _rows(ridx_ptr, s_kb, s_kn, b, offs_j, is_res, P, HAS_IDX), offs_o)
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        arange_p = tl.arange(0, BLOCK_P)
+        if ONE_P:  # every pruned token in one block: read it once, merge it into every row tile
+            host, w, xp = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, 0, offs_c, mask_c, Np, P,
+                                       s_pb, s_pn, s_pc, s_qb, s_qn, HAS_IDX, BLOCK_P)
 
-        num = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        den = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for p0 in range(0, Np, BLOCK_P):
-            offs_p = p0 + arange_p
-            mask_p = offs_p < Np
-            rows_p = _rows(pidx_ptr, s_qb, s_qn, b, offs_p, mask_p, P, HAS_IDX)
-            host = tl.load(host_ptr + b * Np + offs_p, mask=mask_p, other=0)
-            w = tl.load(w_ptr + b * Np + offs_p, mask=mask_p, other=0.0)
-            # W[j, i] = exp(c_i) if pruned token i chose reserved token j: (BLOCK_R, BLOCK_P)
-            chose = (offs_j[:, None] == host[None, :]) & mask_p[None, :]
-            wmat = tl.where(chose, w[None, :], 0.0)
-            den += tl.sum(wmat, axis=1)
-            xp = tl.load(
-                p_ptr + b * s_pb + rows_p[:, None] * s_pn + offs_c[None, :] * s_pc,
-                mask=mask_p[:, None] & mask_c[None, :], other=0.0,
-            )  # (BLOCK_P, BLOCK_C), input dtype
-            if SPLIT_W:
-                # 16-bit inputs: W = hi + lo, both exactly representable in xp's dtype.
-                w_hi = wmat.to(xp.dtype)
-                w_lo = (wmat - w_hi.to(tl.float32)).to(xp.dtype)
-                if DOT_F32:
-                    xp_f = xp.to(tl.float32)
-                    num = tl.dot(w_hi.to(tl.float32), xp_f, num, input_precision=PRECISION)
-                    num = tl.dot(w_lo.to(tl.float32), xp_f, num, input_precision=PRECISION)
-                else:
-                    num = tl.dot(w_hi, xp, num)
-                    num = tl.dot(w_lo, xp, num)
+        # Output rows: P pass-through rows (source rows 0..P-1), then the Nr reserved ones.
+        row0 = pid_g * ROW_TILES * BLOCK_R
+        tiles = tl.minimum(ROW_TILES, tl.cdiv(P + Nr - row0, BLOCK_R))
+        for t in range(0, tiles):
+            offs_o = row0 + t * BLOCK_R + tl.arange(0, BLOCK_R)
+            mask_o = offs_o < P + Nr
+            offs_j = offs_o - P  # reserved index; negative on pass-through rows
+            is_res = mask_o & (offs_j >= 0)
+            rows_o = tl.where(is_res, _rows(ridx_ptr, s_kb, s_kn, b, offs_j, is_res, P, HAS_IDX), offs_o)
+            num = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            den = tl.zeros([BLOCK_R], dtype=tl.float32)
+            if ONE_P:
+                num, den = _merge_tile(num, den, offs_j, is_res, host, w, xp, SPLIT_W, PRECISION, DOT_F32)
             else:
-                num = tl.dot(wmat, xp, num, input_precision=PRECISION)
+                for p0 in range(0, Np, BLOCK_P):
+                    host_b, w_b, xp_b = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
+                                                     s_pb, s_pn, s_pc, s_qb, s_qn, HAS_IDX, BLOCK_P)
+                    num, den = _merge_tile(num, den, offs_j, is_res, host_b, w_b, xp_b,
+                                           SPLIT_W, PRECISION, DOT_F32)
+            xr = tl.load(
+                r_ptr + b * s_rb + rows_o[:, None] * s_rn + offs_c[None, :] * s_rc,
+                mask=mask_o[:, None] & mask_c[None, :], other=0.0,
+            )  # (BLOCK_R, BLOCK_C), input dtype
+            y = (E * xr.to(tl.float32) + num) / (E + den[:, None])
+            # Unmatched reserved rows and pass-through rows: the input, untouched (no fp32 round trip).
+            out = tl.where((den > 0.0)[:, None], y.to(xr.dtype), xr)
+            tl.store(
+                y_ptr + b * s_yb + offs_o[:, None] * s_yn + offs_c[None, :] * s_yc,
+                out, mask=mask_o[:, None] & mask_c[None, :],
+            )
 
-        xr = tl.load(
-            r_ptr + b * s_rb + rows_o[:, None] * s_rn + offs_c[None, :] * s_rc,
-            mask=mask_o[:, None] & mask_c[None, :], other=0.0,
-        )  # (BLOCK_R, BLOCK_C), input dtype
-        y = (E * xr.to(tl.float32) + num) / (E + den[:, None])
-        # Unmatched reserved rows and pass-through rows: the input, untouched (no fp32 round trip).
-        out = tl.where((den > 0.0)[:, None], y.to(xr.dtype), xr)
-        tl.store(
-            y_ptr + b * s_yb + offs_o[:, None] * s_yn + offs_c[None, :] * s_yc,
-            out, mask=mask_o[:, None] & mask_c[None, :],
-        )
-
-    def _configs(shapes: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list:
-        """Autotuning candidates (three block sizes, warps, stages); one fixed config when
+    def _configs(shapes: list[tuple], names: tuple[str, ...]) -> list:
+        """Autotuning candidates (block sizes, then warps and stages); one fixed config when
         interpreting (each interpreted launch is slow, and timing it means nothing)."""
         if _interpreting():
             shapes = shapes[:1]
@@ -243,24 +274,31 @@ if _HAVE_TRITON:
         ]
 
     # The first entry of each list is the untuned default (and the interpreter's only config).
-    # Measured on an H200 at DeiT's first-site shapes (fp32 stream, 137 reserved, 59 pruned): the
-    # hosts kernel is fastest with one program per image's pruned block (reserved rows are then
-    # read once), the fuse kernel with wide channel tiles.
-    _HOSTS_CONFIGS = [  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
-        (64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 32, 64, 4, 2), (64, 64, 128, 8, 2),
-        (64, 128, 64, 8, 2), (64, 64, 32, 4, 3), (16, 64, 32, 2, 2),
+    # BLOCK_P is not tuned: one block holds every pruned token up to _ONE_BLOCK_P of them.
+    _HOSTS_CONFIGS = [  # (BLOCK_R, BLOCK_C, warps, stages)
+        (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2),
+        (64, 32, 4, 3), (16, 64, 2, 2),
     ]
-    _FUSE_CONFIGS = [  # (BLOCK_R, BLOCK_P, BLOCK_C, warps, stages)
-        (32, 32, 128, 4, 2), (64, 64, 64, 4, 2), (16, 64, 128, 4, 1), (32, 32, 256, 8, 2),
-        (16, 32, 256, 4, 2), (32, 64, 128, 8, 2), (16, 32, 128, 4, 2), (32, 64, 64, 2, 1),
+    _FUSE_CONFIGS = [  # (BLOCK_R, BLOCK_C, ROW_TILES, warps, stages)
+        (32, 64, 4, 4, 2), (32, 128, 1, 4, 2), (32, 128, 2, 4, 2), (32, 64, 8, 4, 2),
+        (64, 64, 2, 4, 2), (16, 128, 4, 4, 2), (64, 128, 1, 8, 2), (16, 256, 2, 4, 2),
+        (32, 32, 8, 2, 2),
     ]
     # Tuned per problem size and dtype (Triton adds the tensor dtypes to the key).
     _hosts_tuned = triton.autotune(
-        _configs(_HOSTS_CONFIGS, ("BLOCK_P", "BLOCK_R", "BLOCK_C")), key=["Nr", "Np", "C", "HAS_IDX"]
+        _configs(_HOSTS_CONFIGS, ("BLOCK_R", "BLOCK_C")), key=["Nr", "Np", "C", "HAS_IDX"],
+        restore_value=["key_ptr"],  # every timed config starts from the empty keys
     )(_squeeze_hosts_kernel)
     _fuse_tuned = triton.autotune(
-        _configs(_FUSE_CONFIGS, ("BLOCK_R", "BLOCK_P", "BLOCK_C")), key=["Nr", "Np", "C", "P", "HAS_IDX"]
+        _configs(_FUSE_CONFIGS, ("BLOCK_R", "BLOCK_C", "ROW_TILES")), key=["Nr", "Np", "C", "P", "HAS_IDX"]
     )(_squeeze_fuse_kernel)
+
+_ONE_BLOCK_P = 128  # up to this many pruned tokens per image are one block (read once per program)
+
+
+def _block_p(Np: int) -> int:
+    """The pruned block: all of them (a power of two, >= 16 for ``tl.dot``) or 64-token blocks."""
+    return max(16, triton.next_power_of_2(Np)) if Np <= _ONE_BLOCK_P else 64
 
 
 def _validate(reserved: torch.Tensor, pruned: torch.Tensor) -> None:
@@ -322,17 +360,21 @@ def squeeze_triton(reserved: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor
     pruned token are copied bit for bit (so Np == 0 returns a copy of ``reserved``; the result
     never aliases an input, as custom ops require).  Any strides are accepted.
     """
-    return _squeeze_with_hosts(reserved, pruned)[0]
+    return _squeeze_keys(reserved, pruned)[0]
 
 
 def _squeeze_with_hosts(reserved: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``squeeze_triton`` plus the host index of every pruned token, (B, Np) int32 (for tests)."""
+    y, keys = _squeeze_keys(reserved, pruned)
+    return y, _hosts_of(keys)
+
+
+def _squeeze_keys(reserved: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _validate(reserved, pruned)
     B, Nr, C = reserved.shape
     Np = pruned.shape[1]
     if B == 0 or Nr == 0 or C == 0 or Np == 0:
-        host = torch.zeros((B, Np), device=reserved.device, dtype=torch.int32)
-        return reserved.clone(memory_format=torch.contiguous_format), host
+        return reserved.clone(memory_format=torch.contiguous_format), _no_keys(B, Np, reserved.device)
     _check_runnable(reserved)
     return _launch(reserved, pruned, None, None, 0, Nr, Np)
 
@@ -343,11 +385,16 @@ def squeeze_tokens_triton(
     """``squeeze_tokens`` (see ``ops.squeeze``) as the same two kernels, reading kept and pruned
     rows of ``x`` (B, P + n, C) through the int64 indices (B, k), (B, n - k) into ``x[:, P:]``
     and writing the (B, P + k, C) result, pass-through rows included.  Forward only."""
-    return _squeeze_tokens_with_hosts(x, kept_idx, pruned_idx, num_prefix)[0]
+    return _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix)[0]
 
 
 def _squeeze_tokens_with_hosts(x, kept_idx, pruned_idx, num_prefix):
     """``squeeze_tokens_triton`` plus the host index of every pruned token, (B, Np) int32."""
+    y, keys = _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix)
+    return y, _hosts_of(keys)
+
+
+def _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix):
     op = "squeeze_tokens_triton"
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"{op}: x must be a (B, P + n, C) float32, bfloat16 or float16 tensor; got "
@@ -364,42 +411,54 @@ def _squeeze_tokens_with_hosts(x, kept_idx, pruned_idx, num_prefix):
     Nr, Np = kept_idx.shape[1], pruned_idx.shape[1]
     if B == 0 or C == 0 or num_prefix + Nr == 0:
         y = torch.empty((B, num_prefix + Nr, C), device=x.device, dtype=x.dtype)
-        return y, torch.zeros((B, Np), device=x.device, dtype=torch.int32)
+        return y, _no_keys(B, Np, x.device)
     _check_runnable(x)
     return _launch(x, x, kept_idx, pruned_idx, num_prefix, Nr, Np)
 
 
 def _launch(r_src, p_src, ridx, pidx, P, Nr, Np) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both kernels.  Plain: reserved/pruned rows are rows of ``r_src``/``p_src`` (P == 0).
-    Indexed: they are rows ``P + ridx[b]`` / ``P + pidx[b]``, and rows 0..P-1 pass through."""
+    """Both kernels; returns (y, packed host keys (B, Np) int64).  Plain: reserved/pruned rows are
+    rows of ``r_src``/``p_src`` (P == 0).  Indexed: they are rows ``P + ridx[b]`` /
+    ``P + pidx[b]``, and rows 0..P-1 pass through."""
     B, _, C = r_src.shape
     dtype, dev = r_src.dtype, r_src.device
-    host = torch.empty((B, Np), device=dev, dtype=torch.int32)
-    weight = torch.empty((B, Np), device=dev, dtype=torch.float32)
+    keys = torch.full((B, Np), torch.iinfo(torch.int64).min, device=dev, dtype=torch.int64)
     y = torch.empty((B, P + Nr, C), device=dev, dtype=dtype)
     has_idx = ridx is not None
     if not has_idx:  # unused pointers and strides
-        ridx = pidx = host
+        ridx = pidx = keys
     idx_strides = (*ridx.stride(), *pidx.stride()) if has_idx else (0, 0, 0, 0)
-    common = dict(PRECISION=_precision(dtype), DOT_F32=_dot_f32(dtype), HAS_IDX=has_idx,
+    block_p = _block_p(Np)
+    common = dict(PRECISION=_precision(dtype), DOT_F32=_dot_f32(dtype), HAS_IDX=has_idx, BLOCK_P=block_p,
                   enable_fp_fusion=True)  # explicit: triton 3.9 warns when unset
     # Triton launches on the current device; make it the inputs' one.
     guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with guard:
         if Np > 0 and Nr > 0:
-            _hosts_tuned[lambda meta: (triton.cdiv(Np, meta["BLOCK_P"]), B)](
-                r_src, p_src, ridx, pidx, host, weight,
+            _hosts_tuned[lambda meta: (triton.cdiv(Nr, meta["BLOCK_R"]), triton.cdiv(Np, block_p), B)](
+                r_src, p_src, ridx, pidx, keys,
                 Nr, Np, C, P,
                 *r_src.stride(), *p_src.stride(), *idx_strides,
                 EPS=_EPS, **common,
             )
-        _fuse_tuned[lambda meta: (triton.cdiv(P + Nr, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]), B)](
-            r_src, p_src, ridx, pidx, host, weight, y,
+        rows = P + Nr
+        _fuse_tuned[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]), B)](
+            r_src, p_src, ridx, pidx, keys, y,
             Nr, Np, C, P,
             *r_src.stride(), *p_src.stride(), *idx_strides, *y.stride(),
-            E=math.e, SPLIT_W=dtype != torch.float32, **common,
+            E=math.e, SPLIT_W=dtype != torch.float32, ONE_P=Np <= _ONE_BLOCK_P, **common,
         )
-    return y, host
+    return y, keys
+
+
+def _no_keys(B: int, Np: int, device: torch.device) -> torch.Tensor:
+    """Keys of the degenerate cases (nothing to compare): every host reads as 0."""
+    return torch.full((B, Np), 2**31 - 1, device=device, dtype=torch.int64)
+
+
+def _hosts_of(keys: torch.Tensor) -> torch.Tensor:
+    """The host index (B, Np) int32 held in packed keys (the low half, see ``_pack_host``)."""
+    return (2**31 - 1 - (keys & (2**31 - 1))).to(torch.int32)
 
 
 def register_cuda_kernel() -> bool:
