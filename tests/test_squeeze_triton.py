@@ -372,10 +372,10 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
     pointers = {"r_ptr": f"*{dtype}", "p_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
                 "ridx_ptr": "*i64", "pidx_ptr": "*i64", "key_ptr": "*i64"}
     precision = "tf32x3" if dtype == "fp32" else "tf32"
-    common = dict(PRECISION=precision, DOT_F32=False, HAS_IDX=has_idx, BLOCK_P=64)
-    fuse = dict(E=math.e, SPLIT_W=dtype != "fp32", **common, **st._fuse_tuned.configs[0].kwargs)
+    common = dict(HAS_IDX=has_idx, BLOCK_P=64, DOT_F32=False)
+    fuse = dict(E=math.e, **common, **st._fuse_tuned.configs[0].kwargs)
     kernels = [  # the default (first) config of each autotuned kernel; the fuse with both pruned loops
-        (st._squeeze_hosts_kernel, dict(EPS=1e-6, **common, **st._hosts_tuned.configs[0].kwargs)),
+        (st._squeeze_hosts_kernel, dict(EPS=1e-6, PRECISION=precision, **common, **st._hosts_tuned.configs[0].kwargs)),
         (st._squeeze_fuse_kernel, dict(ONE_P=True, **fuse)),
         (st._squeeze_fuse_kernel, dict(ONE_P=False, **fuse)),
     ]

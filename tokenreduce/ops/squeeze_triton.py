@@ -18,20 +18,21 @@ and nothing of size (B, Nr, C) besides the output; the result is deterministic:
         tile's max / argmax per pruned row, combined across tiles by ``atomic_max`` on one int64
         key per pruned token (cosine bits above, 2^31 - 1 - host below: the maximum is the
         largest cosine at the lowest host, whatever the order of the programs).
-    _squeeze_fuse_kernel    grid (cdiv(C, BLOCK_C), cdiv(P + Nr, ROW_TILES * BLOCK_R), B)
-        one program per (channel tile, group of ROW_TILES output-row tiles); up to 128 pruned
-        tokens are one block read once per program.  Per row tile it builds the weight matrix
-        W[j, i] = [h(i) == j] exp(c_max_i) of shape (BLOCK_R, BLOCK_P) in registers and gets
-        num = W @ xp with ``tl.dot``, den = W.sum(1); writes
-        y = where(den > 0, (e * xr + num) / (e + den), xr) in the input dtype.
+    _squeeze_fuse_kernel    grid (cdiv(C, BLOCK_C), cdiv(P + Nr, BLOCK_R), B)
+        one program per (channel tile, tile of output rows): from the keys, which pruned tokens
+        chose each of its rows (a (BLOCK_R, BLOCK_P) match matrix and its running count); then
+        the t-th chooser of every row at once, one gathered (BLOCK_R, BLOCK_C) load per t, so
+        each pruned row is read once per channel tile.  Writes
+        y = where(any chose j, (e * xr + sum w xp) / (e + sum w), xr) in the input dtype.
 
-Block sizes (BLOCK_R, BLOCK_C, ROW_TILES), warps and stages are autotuned per (sizes, dtype) on
-the first call from a short list (``_HOSTS_CONFIGS``, ``_FUSE_CONFIGS``); BLOCK_P follows Np.
+Block sizes (BLOCK_R, BLOCK_C), warps and stages are autotuned per (sizes, dtype) on the first
+call from a short list (``_HOSTS_CONFIGS``, ``_FUSE_CONFIGS``); BLOCK_P follows Np.
 
-All sums are in fp32.  Precision of the two matrix products:
-  * fp32 inputs: ``input_precision="tf32x3"`` (three TF32 tensor-core products; close to fp32).
-  * bf16 / fp16 inputs: similarity is an exact-product dot with fp32 accumulation; in the fuse,
-    W (fp32) is split into hi + lo halves of the input dtype, so its rounding error is ~2^-16.
+Precision: every sum is in fp32.  The similarity is a tensor-core product with fp32
+accumulation: exact products for bf16 / fp16 inputs, ``input_precision="tf32x3"`` for fp32
+inputs (three TF32 products, relative error ~2^-22).  The
+merge multiplies the 0/1 match matrix (exact in bf16) by w * xp split into three bf16 parts, so
+it is fp32-accurate for every input dtype.
 
 Forward only: the custom op's autograd recomputes with the reference.  ``register_cuda_kernel``
 installs them as the CUDA implementations of ``torch.ops.tokenreduce.squeeze`` and
@@ -171,41 +172,40 @@ if _HAVE_TRITON:
     @triton.jit
     def _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
                      s_pb, s_pn, s_pc, s_qb, s_qn,
-                     HAS_IDX: tl.constexpr, BLOCK_P: tl.constexpr):
+                     HAS_IDX: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_P: tl.constexpr):
         """Pruned tokens p0 .. p0 + BLOCK_P: host (BLOCK_P,) int32 (-1 past Np), weight
-        exp(cosine) (BLOCK_P,) fp32 and their rows' channel tile (BLOCK_P, BLOCK_C)."""
+        exp(cosine) (BLOCK_P,) fp32, and w * xp over the channel tile (fp32 products) as three
+        bfloat16 parts hi + mid + lo (8 + 8 + 8 significant bits: the fp32 value)."""
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < Np
         rows_p = _rows(pidx_ptr, s_qb, s_qn, b, offs_p, mask_p, P, HAS_IDX)
         host, w = _unpack_host(tl.load(key_ptr + b * Np + offs_p, mask=mask_p, other=0))
-        host = tl.where(mask_p, host, -1)  # output rows with offs_j == -1 never read it (is_res)
+        host = tl.where(mask_p, host, -1)  # matches no output row
         xp = tl.load(
             p_ptr + b * s_pb + rows_p[:, None] * s_pn + offs_c[None, :] * s_pc,
             mask=mask_p[:, None] & mask_c[None, :], other=0.0,
         )
-        return host, w, xp
+        wx = w[:, None] * xp.to(tl.float32)  # (BLOCK_P, BLOCK_C)
+        hi = wx.to(tl.bfloat16)
+        rest = wx - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        if DOT_F32:  # the interpreter: the same values, multiplied in fp32
+            return host, w, hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32)
+        return host, w, hi, mid, lo
 
     @triton.jit
-    def _merge_tile(num, den, offs_j, is_res, host, w, xp,
-                    SPLIT_W: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-        """num += W @ xp, den += W.sum(1) for W[j, i] = [host_i == j] w_i: (BLOCK_R, BLOCK_P)."""
+    def _merge_tile(num, den, offs_j, is_res, host, w, hi, mid, lo):
+        """num += M @ (w * xp), den += M @ w for the 0/1 match matrix M[j, i] = [host_i == j]
+        (BLOCK_R, BLOCK_P).  M is exact in bf16 and so is each product with a part, so the
+        three tensor-core products sum each w * xp back at fp32 precision, whatever the input
+        dtype (no TF32 rounding, no rounding of the weights)."""
         chose = (offs_j[:, None] == host[None, :]) & is_res[:, None]
-        wmat = tl.where(chose, w[None, :], 0.0)
-        den += tl.sum(wmat, axis=1)
-        if SPLIT_W:
-            # 16-bit inputs: W = hi + lo, both exactly representable in xp's dtype.
-            w_hi = wmat.to(xp.dtype)
-            w_lo = (wmat - w_hi.to(tl.float32)).to(xp.dtype)
-            if DOT_F32:
-                xp_f = xp.to(tl.float32)
-                num = tl.dot(w_hi.to(tl.float32), xp_f, num, input_precision=PRECISION)
-                num = tl.dot(w_lo.to(tl.float32), xp_f, num, input_precision=PRECISION)
-            else:
-                num = tl.dot(w_hi, xp, num)
-                num = tl.dot(w_lo, xp, num)
-        else:
-            num = tl.dot(wmat, xp, num, input_precision=PRECISION)
-        return num, den
+        den += tl.sum(tl.where(chose, w[None, :], 0.0), axis=1)
+        match = chose.to(hi.dtype)
+        num = tl.dot(match, lo, num)
+        num = tl.dot(match, mid, num)
+        return tl.dot(match, hi, num), den
 
     @triton.jit
     def _squeeze_fuse_kernel(
@@ -216,8 +216,6 @@ if _HAVE_TRITON:
         s_kb, s_kn, s_qb, s_qn,
         s_yb, s_yn, s_yc,
         E: tl.constexpr,
-        SPLIT_W: tl.constexpr,
-        PRECISION: tl.constexpr,
         DOT_F32: tl.constexpr,
         HAS_IDX: tl.constexpr,
         ONE_P: tl.constexpr,
@@ -229,8 +227,8 @@ if _HAVE_TRITON:
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         if ONE_P:  # every pruned token in one block: read it once, merge it into every row tile
-            host, w, xp = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, 0, offs_c, mask_c, Np, P,
-                                       s_pb, s_pn, s_pc, s_qb, s_qn, HAS_IDX, BLOCK_P)
+            host, w, hi, mid, lo = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, 0, offs_c, mask_c, Np, P,
+                                                s_pb, s_pn, s_pc, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
 
         # Output rows: P pass-through rows (source rows 0..P-1), then the Nr reserved ones.
         row0 = pid_g * ROW_TILES * BLOCK_R
@@ -244,13 +242,13 @@ if _HAVE_TRITON:
             num = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
             den = tl.zeros([BLOCK_R], dtype=tl.float32)
             if ONE_P:
-                num, den = _merge_tile(num, den, offs_j, is_res, host, w, xp, SPLIT_W, PRECISION, DOT_F32)
+                num, den = _merge_tile(num, den, offs_j, is_res, host, w, hi, mid, lo)
             else:
                 for p0 in range(0, Np, BLOCK_P):
-                    host_b, w_b, xp_b = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
-                                                     s_pb, s_pn, s_pc, s_qb, s_qn, HAS_IDX, BLOCK_P)
-                    num, den = _merge_tile(num, den, offs_j, is_res, host_b, w_b, xp_b,
-                                           SPLIT_W, PRECISION, DOT_F32)
+                    host_b, w_b, hi_b, mid_b, lo_b = _pruned_tile(
+                        p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
+                        s_pb, s_pn, s_pc, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
+                    num, den = _merge_tile(num, den, offs_j, is_res, host_b, w_b, hi_b, mid_b, lo_b)
             xr = tl.load(
                 r_ptr + b * s_rb + rows_o[:, None] * s_rn + offs_c[None, :] * s_rc,
                 mask=mask_o[:, None] & mask_c[None, :], other=0.0,
@@ -276,13 +274,12 @@ if _HAVE_TRITON:
     # The first entry of each list is the untuned default (and the interpreter's only config).
     # BLOCK_P is not tuned: one block holds every pruned token up to _ONE_BLOCK_P of them.
     _HOSTS_CONFIGS = [  # (BLOCK_R, BLOCK_C, warps, stages)
-        (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2),
-        (64, 32, 4, 3), (16, 64, 2, 2),
+        (64, 32, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
+        (128, 32, 4, 3), (64, 16, 4, 4),
     ]
     _FUSE_CONFIGS = [  # (BLOCK_R, BLOCK_C, ROW_TILES, warps, stages)
-        (32, 64, 4, 4, 2), (32, 128, 1, 4, 2), (32, 128, 2, 4, 2), (32, 64, 8, 4, 2),
-        (64, 64, 2, 4, 2), (16, 128, 4, 4, 2), (64, 128, 1, 8, 2), (16, 256, 2, 4, 2),
-        (32, 32, 8, 2, 2),
+        (32, 128, 1, 4, 2), (16, 128, 4, 4, 2), (32, 128, 2, 4, 2), (32, 64, 4, 4, 2),
+        (64, 64, 2, 4, 2), (16, 256, 2, 4, 2), (64, 128, 1, 8, 2), (32, 64, 1, 4, 2),
     ]
     # Tuned per problem size and dtype (Triton adds the tensor dtypes to the key).
     _hosts_tuned = triton.autotune(
@@ -341,15 +338,18 @@ def _check_runnable(t: torch.Tensor) -> None:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # fp32: three TF32 products (~fp32 accuracy on tensor cores).  16-bit operands ignore the
-    # setting (their products are exact in the fp32 accumulator); "tf32" is Triton's default.
+    # fp32: three TF32 products (relative error ~2^-22).  Measured on an H200 at DeiT-S's first
+    # site, bf16 hi + lo halves (three bf16 products) took 46 us against 60 us, but their ~2^-16
+    # error in the cosine moves the weights exp(c) by ~1e-5: kept out for accuracy.  16-bit
+    # operands ignore the setting (their products are exact in the fp32 accumulator).
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
-    # The interpreter multiplies bf16 tiles as their raw uint16 storage; upcast there only.
-    # bf16 x bf16 products are exact in fp32, so the arithmetic is the same as on the GPU.
-    return dtype == torch.bfloat16 and _interpreting()
+    # The interpreter multiplies bf16 tiles as their raw uint16 storage; upcast there only (the
+    # bf16 parts of the fp32 splits too).  bf16 x bf16 products are exact in fp32, so the
+    # arithmetic is the same as on the GPU.
+    return _interpreting()
 
 
 def squeeze_triton(reserved: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
@@ -429,8 +429,7 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np) -> tuple[torch.Tensor, torch.Te
         ridx = pidx = keys
     idx_strides = (*ridx.stride(), *pidx.stride()) if has_idx else (0, 0, 0, 0)
     block_p = _block_p(Np)
-    common = dict(PRECISION=_precision(dtype), DOT_F32=_dot_f32(dtype), HAS_IDX=has_idx, BLOCK_P=block_p,
-                  enable_fp_fusion=True)  # explicit: triton 3.9 warns when unset
+    common = dict(HAS_IDX=has_idx, BLOCK_P=block_p, enable_fp_fusion=True)  # explicit: triton 3.9 warns when unset
     # Triton launches on the current device; make it the inputs' one.
     guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with guard:
@@ -439,14 +438,14 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np) -> tuple[torch.Tensor, torch.Te
                 r_src, p_src, ridx, pidx, keys,
                 Nr, Np, C, P,
                 *r_src.stride(), *p_src.stride(), *idx_strides,
-                EPS=_EPS, **common,
+                EPS=_EPS, PRECISION=_precision(dtype), DOT_F32=_dot_f32(dtype), **common,
             )
         rows = P + Nr
         _fuse_tuned[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]), B)](
             r_src, p_src, ridx, pidx, keys, y,
             Nr, Np, C, P,
             *r_src.stride(), *p_src.stride(), *idx_strides, *y.stride(),
-            E=math.e, SPLIT_W=dtype != torch.float32, ONE_P=Np <= _ONE_BLOCK_P, **common,
+            E=math.e, DOT_F32=_dot_f32(dtype), ONE_P=Np <= _ONE_BLOCK_P, **common,
         )
     return y, keys
 
