@@ -287,6 +287,31 @@ def test_interp_indexed(dtype):
 
 
 @interp
+@pytest.mark.parametrize("one_block", [True, False], ids=["one-pruned-block", "pruned-blocks"])
+def test_interp_merge_other_tilings(one_block):
+    # The interpreter runs each kernel's first config only; the merge's other tilings (several
+    # row tiles per program, the loop over pruned blocks) must give the same rows.
+    import triton
+
+    from tokenreduce.ops import squeeze_triton as st
+
+    B, P, n, k, C = 2, 1, 90, 40, 40
+    x = randn(B, P + n, C, seed=41)
+    kept, pruned = split_indices(B, n, k, seed=42)
+    y, keys = st._squeeze_tokens_keys(x, kept, pruned, P)
+    Nr, Np = k, n - k
+    block_p = st._block_p(Np) if one_block else 16
+    for block_r, block_c, row_tiles in ((16, 32, 4), (8, 16, 2)):
+        y2 = torch.empty_like(y)
+        grid = (triton.cdiv(C, block_c), triton.cdiv(P + Nr, block_r * row_tiles), B)
+        st._squeeze_fuse_kernel[grid](
+            x, x, kept, pruned, keys, y2, Nr, Np, C, P, *x.stride(), *x.stride(), *kept.stride(),
+            *pruned.stride(), *y2.stride(), E=math.e, DOT_F32=True, HAS_IDX=True, ONE_P=one_block,
+            BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_C=block_c, ROW_TILES=row_tiles)
+        torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
+
+
+@interp
 def test_interp_indexed_strided_stream():
     from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts
 
