@@ -133,8 +133,8 @@ SIZES = [
     for i, Np in enumerate((0, 1, 7, 33))
     for j, C in enumerate((1, 3, 64, 100))
 ]
-# Several tiles along every loop: Nr > 64 (reserved tiles), Np > 32 / 64 (pruned blocks and the
-# fuse kernel's pruned loop), C > 64 (channel chunks and channel grid).
+# Several tiles along every loop: Nr > 64 (reserved tiles), C > 64 (channel chunks and channel
+# grid); Np > 128 (the fuse kernel's loop over pruned blocks) and P + Nr > 128 (row groups).
 SIZES += [(2, 80, 70, 130), (1, 150, 140, 20)]  # the last: > 128 pruned and output rows. DeiT-S's (137, 59, 384) is in test_interp_matches_project_reference
 
 

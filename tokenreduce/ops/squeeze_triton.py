@@ -18,15 +18,17 @@ and nothing of size (B, Nr, C) besides the output; the result is deterministic:
         tile's max / argmax per pruned row, combined across tiles by ``atomic_max`` on one int64
         key per pruned token (cosine bits above, 2^31 - 1 - host below: the maximum is the
         largest cosine at the lowest host, whatever the order of the programs).
-    _squeeze_fuse_kernel    grid (cdiv(C, BLOCK_C), cdiv(P + Nr, BLOCK_R), B)
-        one program per (channel tile, tile of output rows): from the keys, which pruned tokens
-        chose each of its rows (a (BLOCK_R, BLOCK_P) match matrix and its running count); then
-        the t-th chooser of every row at once, one gathered (BLOCK_R, BLOCK_C) load per t, so
-        each pruned row is read once per channel tile.  Writes
-        y = where(any chose j, (e * xr + sum w xp) / (e + sum w), xr) in the input dtype.
+    _squeeze_fuse_kernel    grid (cdiv(C, BLOCK_C), cdiv(P + Nr, ROW_TILES * BLOCK_R), B)
+        one program per (channel tile, group of ROW_TILES output-row tiles).  Up to 128 pruned
+        tokens are one block (``BLOCK_P``), read once per program, with their hosts and weights
+        w = exp(c_max) from the keys; more are looped over in blocks of 64.  Per row tile:
+        num = M @ (w * xp) with the 0/1 match matrix M[j, i] = [h(i) == j] of shape
+        (BLOCK_R, BLOCK_P) (``tl.dot``), den = sum of the chosen w; writes
+        y = where(den > 0, (e * xr + num) / (e + den), xr) in the input dtype.
 
-Block sizes (BLOCK_R, BLOCK_C), warps and stages are autotuned per (sizes, dtype) on the first
-call from a short list (``_HOSTS_CONFIGS``, ``_FUSE_CONFIGS``); BLOCK_P follows Np.
+Block sizes (BLOCK_R, BLOCK_C, and ROW_TILES for the merge), warps and stages are autotuned per
+(sizes, dtype) on the first call from a short list (``_HOSTS_CONFIGS``, ``_FUSE_CONFIGS``);
+BLOCK_P follows Np (``_block_p``).
 
 Precision: every sum is in fp32.  The similarity is a tensor-core product with fp32
 accumulation: exact products for bf16 / fp16 inputs, ``input_precision="tf32x3"`` for fp32
@@ -346,13 +348,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _dot_f32(dtype: torch.dtype) -> bool:
-    # The interpreter multiplies bf16 tiles as their raw uint16 storage; upcast there only (the
-    # bf16 parts of the fp32 splits too).  bf16 x bf16 products are exact in fp32, so the
-    # arithmetic is the same as on the GPU.
-    return _interpreting()
-
-
 def squeeze_triton(reserved: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     """TPS squeeze (tps-reference Sec. 1) as two Triton kernels; forward only.
 
@@ -430,7 +425,10 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np) -> tuple[torch.Tensor, torch.Te
         ridx = pidx = keys
     idx_strides = (*ridx.stride(), *pidx.stride()) if has_idx else (0, 0, 0, 0)
     block_p = _block_p(Np)
-    common = dict(HAS_IDX=has_idx, BLOCK_P=block_p, enable_fp_fusion=True)  # explicit: triton 3.9 warns when unset
+    # DOT_F32: the interpreter multiplies bf16 tiles as their raw uint16 storage, so there every
+    # dot operand is upcast (bf16 x bf16 products are exact in fp32: the same arithmetic).
+    common = dict(HAS_IDX=has_idx, BLOCK_P=block_p, DOT_F32=_interpreting(),
+                  enable_fp_fusion=True)  # explicit: triton 3.9 warns when unset
     # Triton launches on the current device; make it the inputs' one.
     guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with guard:
@@ -439,14 +437,14 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np) -> tuple[torch.Tensor, torch.Te
                 r_src, p_src, ridx, pidx, keys,
                 Nr, Np, C, P,
                 *r_src.stride(), *p_src.stride(), *idx_strides,
-                EPS=_EPS, PRECISION=_precision(dtype), DOT_F32=_dot_f32(dtype), **common,
+                EPS=_EPS, PRECISION=_precision(dtype), **common,
             )
         rows = P + Nr
         _fuse_tuned[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]), B)](
             r_src, p_src, ridx, pidx, keys, y,
             Nr, Np, C, P,
             *r_src.stride(), *p_src.stride(), *idx_strides, *y.stride(),
-            E=math.e, DOT_F32=_dot_f32(dtype), ONE_P=Np <= _ONE_BLOCK_P, **common,
+            E=math.e, ONE_P=block_p >= Np, **common,
         )
     return y, keys
 
