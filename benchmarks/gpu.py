@@ -117,6 +117,48 @@ def autotune_timings() -> dict:
     return out
 
 
+def host_ms(fn, repeats: int = 20) -> float:
+    """Median host time to launch one call of ``fn`` onto an idle GPU (ms).  A model whose host
+    time is close to its GPU time per call is launch-bound: its throughput measures Python."""
+    out = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(out)[len(out) // 2]
+
+
+def kernel_times(fn, iters: int, device_type: str) -> tuple[dict[str, float], object]:
+    """GPU time per call of each kernel that ``fn`` launches (us, summed over its launches),
+    from ``torch.profiler`` over ``iters`` calls; also returns the profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type == DeviceType.CUDA:
+            kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.device_time_total / iters
+    return dict(sorted(kernels.items(), key=lambda kv: -kv[1])), prof
+
+
+def squeeze_choices() -> dict:
+    """The Triton squeeze's autotuned choice for each shape key seen so far."""
+    from tokenreduce.ops import squeeze_triton as st
+
+    if not st.triton_available():
+        return {}
+    return {name: {str(k): f"{c.kwargs} w{c.num_warps} s{c.num_stages}" for k, c in tuner.cache.items()}
+            for name, tuner in (("hosts", st._hosts_tuned), ("fuse", st._fuse_tuned))}
+
+
 def graphed(fn):
     """``fn`` captured in a CUDA graph after warm-up calls (autotuning, compilation); returns the
     replay, so timing it measures GPU time without Python launch overhead."""
@@ -372,7 +414,13 @@ class Bench:
             if phase == "B":
                 row.update(compiled_ms=ms, compiled_img_s=self.args.batch * 1e3 / ms,
                            compile_s=compile_s, peak_mib_compiled=self.peak_mib(m, x))
-                log(f"    compiled {row['compiled_img_s']:,.0f} img/s  (compile {compile_s:.0f} s)")
+                if self.device.type == "cuda":  # launch-bound when close to compiled_ms
+                    with torch.no_grad(), self.autocast():
+                        row["compiled_host_ms"] = host_ms(lambda: cm(x))
+                log(f"    compiled {row['compiled_img_s']:,.0f} img/s  ({ms:.2f} ms per batch, host "
+                    f"{row.get('compiled_host_ms', float('nan')):.2f} ms to launch one; compile {compile_s:.0f} s)")
+                if self.args.kernels and self.device.type == "cuda":
+                    self.record_kernels(row, lambda: cm(x))
             else:
                 row.update(b1_ms=ms, b1_compile_s=compile_s, b1_mode=mode)
                 log(f"    b1 compiled {ms:.2f} ms  (compile {compile_s:.0f} s)")
@@ -384,6 +432,23 @@ class Bench:
             self.cleanup()
             self.slowest[phase] = max(self.slowest.get(phase, 0.0), time.time() - start)
             self.save()
+
+    def record_kernels(self, row: dict, fn) -> None:
+        """--kernels: the row's kernel times (top 15, us per batch) and the squeeze's autotuned
+        choices, so that a row far off its neighbours can be explained from the JSON."""
+        with torch.no_grad(), self.autocast():
+            kernels, _ = kernel_times(fn, 5, self.device.type)
+        pattern = re.compile(REDUCTION_KERNELS, re.IGNORECASE)
+        row["kernels_us"] = {
+            "total": round(sum(kernels.values()), 1),
+            "reduction": round(sum(v for k, v in kernels.items() if pattern.search(k)), 1),
+            "top": {k[:90]: round(v, 1) for k, v in list(kernels.items())[:15]},
+        }
+        if row["kind"] == "reduced":
+            row["squeeze_choices"] = squeeze_choices()
+        top = ", ".join(f"{k[:40]} {v:.0f}" for k, v in list(kernels.items())[:4])
+        log(f"    kernels {row['kernels_us']['total']:.0f} us/batch (reduction "
+            f"{row['kernels_us']['reduction']:.0f}): {top}")
 
     # ------------------------------------------------------------------ squeeze kernel
     def squeeze_micro(self) -> None:
@@ -443,42 +508,29 @@ class Bench:
         model_name, _, vname = self.args.profile_variant.partition(":")
         variant = parse_variant(vname)
         log(f"[profile {self.elapsed():6.0f}s] {model_name} {variant.name} (compiled, batch {self.args.batch})")
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile
-
         result: dict = {"model": model_name, "variant": variant.name, "pattern": REDUCTION_KERNELS}
         try:
             m = self.module(model_name, variant)
             self.cleanup()
             cm = torch.compile(m)
-            activities = [ProfilerActivity.CPU]
-            if self.device.type == "cuda":
-                activities.append(ProfilerActivity.CUDA)
             with torch.no_grad(), self.autocast():
                 for _ in range(self.args.warmup):
                     cm(self.x)
                 self.sync()
-                with profile(activities=activities) as prof:
-                    for _ in range(10):
-                        cm(self.x)
-                    self.sync()
+                kernels, prof = kernel_times(lambda: cm(self.x), 10, self.device.type)
             table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=80)
             path = os.path.join(self.args.out, re.sub(r"[^A-Za-z0-9._-]", "_", f"profile_{model_name}-{variant.name}.txt"))
             with open(path, "w") as f:
                 f.write(table + "\n")
-            kernels: dict[str, float] = {}
-            for evt in prof.events():
-                if evt.device_type == DeviceType.CUDA:
-                    kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.device_time_total
             total = sum(kernels.values())
             pattern = re.compile(REDUCTION_KERNELS, re.IGNORECASE)
             matched = {k: v for k, v in kernels.items() if pattern.search(k)}
             result.update(
                 table=path,
-                device_time_us_per_iter=total / 10,
+                device_time_us_per_iter=total,
                 reduction_share=(sum(matched.values()) / total) if total else None,
-                reduction_kernels_us_per_iter={k: v / 10 for k, v in sorted(matched.items(), key=lambda kv: -kv[1])},
-                top_kernels_us_per_iter={k: v / 10 for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:25]},
+                reduction_kernels_us_per_iter=matched,
+                top_kernels_us_per_iter=dict(list(kernels.items())[:25]),
             )
             share = result["reduction_share"]
             log(f"    reduction kernels: {share:.1%} of CUDA time" if share is not None
@@ -570,6 +622,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the reference squeeze on CUDA (do not register the Triton kernel)")
     p.add_argument("--profile", action="store_true",
                    help="profile one compiled reduced model first (see --profile-variant)")
+    p.add_argument("--kernels", action="store_true",
+                   help="after each compiled timing, record the row's top kernels and squeeze choices")
     p.add_argument("--profile-variant", default="deit_small_patch16_224:etps@0.7")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds from process start; no measurement starts that would end past "

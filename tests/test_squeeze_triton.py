@@ -513,6 +513,34 @@ def test_cuda_squeeze_tokens_op_dispatches_to_triton_and_passes_opcheck():
     torch.library.opcheck(op, (x, kept.contiguous(), pruned[:, :0].contiguous(), 0))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
+@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch.library.triton_op: torch >= 2.6")
+def test_compiled_site_launches_the_kernels_from_the_graph():
+    # With triton_op, Inductor traces into the operator: the compiled wrapper launches both Triton
+    # kernels itself and never calls the operator's Python (its host cost made small models
+    # launch-bound).  The result is the eager operator's (Inductor autotunes the block sizes
+    # itself, so the channel chunking of the cosines, and their last bits, may differ).
+    from torch._inductor.utils import run_and_get_code
+
+    from tokenreduce.ops.squeeze import squeeze_tokens
+    from tokenreduce.ops.squeeze_triton import register_cuda_kernel
+
+    assert register_cuda_kernel() is True
+    x = randn(4, 1 + 58, 96, seed=720, device="cuda")
+    kept, pruned = (t.cuda() for t in split_indices(4, 58, 37, seed=721))
+
+    def site(x):
+        return squeeze_tokens(x * 2.0, kept, pruned, 1) + 1.0  # neighbours for Inductor to fuse
+
+    torch._dynamo.reset()
+    y, codes = run_and_get_code(torch.compile(site, fullgraph=True), x)
+    code = "\n".join(codes)
+    assert "_squeeze_hosts_kernel" in code and "_squeeze_fuse_kernel" in code
+    assert "tokenreduce.squeeze_tokens" not in code, "the compiled graph calls the opaque operator"
+    torch.testing.assert_close(y, squeeze_tokens(x * 2.0, kept, pruned, 1) + 1.0, rtol=1e-5, atol=1e-5)
+
+
 @interp
 def test_interp_zz_as_the_op_kernel_passes_opcheck():
     # Installs the kernel for "cpu" in the interpreter child, so it runs last (file order) and

@@ -11,17 +11,20 @@ to the lowest index) and every reserved token ``j`` becomes the convex combinati
 
 A reserved token that hosts nothing is returned bit for bit; ``Np == 0`` returns ``reserved``.
 
-``squeeze`` dispatches to the custom operator ``torch.ops.tokenreduce.squeeze`` (``squeeze_op``)
-so that ``torch.compile`` sees one opaque node with a fake implementation and an autograd
-formula. ``squeeze_reference`` is its default (CPU and any device) kernel. A fused GPU kernel is
-added from its own module without touching this one::
+``squeeze`` dispatches to the custom operator ``torch.ops.tokenreduce.squeeze`` (``squeeze_op``),
+which carries an autograd formula. ``squeeze_reference`` serves every device that has no fused
+kernel. A fused kernel is added from its own module without touching this one::
 
-    from tokenreduce.ops.squeeze import squeeze_op
+    from tokenreduce.ops.squeeze import register_device_kernels
 
-    @squeeze_op.register_kernel("cuda")
-    def _squeeze_cuda(reserved, pruned): ...
+    register_device_kernels("cuda", squeeze=my_squeeze, squeeze_tokens=my_squeeze_tokens)
 
-The backward stays the reference's, so a forward kernel must match it numerically.
+With ``torch.library.triton_op`` (torch >= 2.6 with triton installed) both operators are triton
+ops: ``torch.compile`` traces into them, so a kernel that launches through
+``torch.library.wrap_triton`` is called from the compiled graph's own wrapper, with Inductor's
+launcher, and the Python of the operator is not on the compiled path. Without it they are opaque
+custom ops with fake implementations. The backward stays the reference's, so a forward kernel
+must match it numerically.
 
 Indexed form (what a reduction site calls): the gathers and the prefix pass-through are part of
 the operator ``torch.ops.tokenreduce.squeeze_tokens``, so a fused kernel reads the kept and pruned
@@ -37,8 +40,10 @@ Training form (dTPS, fixed length, straight-through masks)::
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -49,6 +54,7 @@ from .select import gather_tokens
 
 __all__ = [
     "SqueezeAssignment",
+    "register_device_kernels",
     "squeeze",
     "squeeze_assign",
     "squeeze_masked",
@@ -154,15 +160,44 @@ def squeeze_assign(reserved: Tensor, pruned: Tensor) -> SqueezeAssignment:
     return SqueezeAssignment(host, weight, SELF_WEIGHT / den)
 
 
-@torch.library.custom_op("tokenreduce::squeeze", mutates_args=())
-def squeeze_op(reserved: Tensor, pruned: Tensor) -> Tensor:
-    """``tokenreduce::squeeze``: (B, Nr, C), (B, Np, C) -> (B, Nr, C). Default kernel."""
-    return squeeze_reference(reserved, pruned)
+# Fused kernels by device type ("cuda": tokenreduce.ops.squeeze_triton), see register_device_kernels.
+_DEVICE_KERNELS: dict[str, dict[str, Callable[..., Tensor]]] = {}
+# triton_op needs torch >= 2.6 (with wrap_triton) and triton itself.
+_TRITON_OP = (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+              and importlib.util.find_spec("triton") is not None)
 
 
-@squeeze_op.register_fake
+def register_device_kernels(device_type: str, *, squeeze: Callable[..., Tensor],
+                            squeeze_tokens: Callable[..., Tensor]) -> None:
+    """Serve ``tokenreduce::squeeze`` / ``squeeze_tokens`` on ``device_type`` with these functions.
+
+    They take the operators' arguments, return a new tensor (never an input) and handle every
+    dtype (falling back to the reference where they have no kernel). Under ``torch.compile``
+    they are traced with fake tensors, so they may call only torch operators and Triton kernels
+    launched through ``torch.library.wrap_triton``.
+    """
+    _DEVICE_KERNELS[device_type] = {"squeeze": squeeze, "squeeze_tokens": squeeze_tokens}
+
+
+def _define_op(name: str, fn: Callable[..., Tensor], fake: Callable[..., Tensor]):
+    if _TRITON_OP:  # compile traces into fn; fn serves as its own fake implementation
+        return torch.library.triton_op(name, fn, mutates_args=())
+    op = torch.library.custom_op(name, fn, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+def _squeeze_impl(reserved: Tensor, pruned: Tensor) -> Tensor:
+    """``tokenreduce::squeeze``: (B, Nr, C), (B, Np, C) -> (B, Nr, C)."""
+    kernel = _DEVICE_KERNELS.get(reserved.device.type, {}).get("squeeze")
+    return squeeze_reference(reserved, pruned) if kernel is None else kernel(reserved, pruned)
+
+
 def _squeeze_fake(reserved: Tensor, pruned: Tensor) -> Tensor:
     return torch.empty_like(reserved)
+
+
+squeeze_op = _define_op("tokenreduce::squeeze", _squeeze_impl, _squeeze_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -230,15 +265,19 @@ def squeeze_tokens_reference(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, nu
     return torch.cat([x[:, :num_prefix], reserved], dim=1)
 
 
-@torch.library.custom_op("tokenreduce::squeeze_tokens", mutates_args=())
-def squeeze_tokens_op(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: int) -> Tensor:
+def _squeeze_tokens_impl(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: int) -> Tensor:
     """``tokenreduce::squeeze_tokens``: (B, P + n, C), (B, k), (B, n - k), P -> (B, P + k, C)."""
-    return squeeze_tokens_reference(x, kept_idx, pruned_idx, num_prefix)
+    kernel = _DEVICE_KERNELS.get(x.device.type, {}).get("squeeze_tokens")
+    if kernel is None:
+        return squeeze_tokens_reference(x, kept_idx, pruned_idx, num_prefix)
+    return kernel(x, kept_idx, pruned_idx, num_prefix)
 
 
-@squeeze_tokens_op.register_fake
 def _squeeze_tokens_fake(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: int) -> Tensor:
     return x.new_empty((x.shape[0], num_prefix + kept_idx.shape[1], x.shape[2]))
+
+
+squeeze_tokens_op = _define_op("tokenreduce::squeeze_tokens", _squeeze_tokens_impl, _squeeze_tokens_fake)
 
 
 def _tokens_setup_context(ctx, inputs, output) -> None:

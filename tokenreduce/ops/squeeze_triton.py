@@ -38,7 +38,9 @@ it is fp32-accurate for every input dtype.
 
 Forward only: the custom op's autograd recomputes with the reference.  ``register_cuda_kernel``
 installs them as the CUDA implementations of ``torch.ops.tokenreduce.squeeze`` and
-``torch.ops.tokenreduce.squeeze_tokens``.  Triton is
+``torch.ops.tokenreduce.squeeze_tokens``; there they launch through ``torch.library.wrap_triton``,
+so under ``torch.compile`` (torch >= 2.6) Inductor launches them from the compiled graph, with no
+Python of the operator on that path (it cost ~150 to 400 us of host time per site).  Triton is
 imported at module import only when it is installed; nothing here fails without it.
 
 The kernels also run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
@@ -68,6 +70,8 @@ except ImportError:  # pragma: no cover
     tl = None
     _HAVE_TRITON = False
 
+# torch >= 2.6: kernels launched through it are visible to torch.compile (see _launcher).
+_WRAP_TRITON = getattr(torch.library, "wrap_triton", None) if _HAVE_TRITON else None
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EPS = 1e-6
 _REGISTERED = False
@@ -365,14 +369,14 @@ def _squeeze_with_hosts(reserved: torch.Tensor, pruned: torch.Tensor) -> tuple[t
     return y, _hosts_of(keys)
 
 
-def _squeeze_keys(reserved: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _squeeze_keys(reserved: torch.Tensor, pruned: torch.Tensor, traceable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     _validate(reserved, pruned)
     B, Nr, C = reserved.shape
     Np = pruned.shape[1]
     if B == 0 or Nr == 0 or C == 0 or Np == 0:
         return reserved.clone(memory_format=torch.contiguous_format), _no_keys(B, Np, reserved.device)
     _check_runnable(reserved)
-    return _launch(reserved, pruned, None, None, 0, Nr, Np)
+    return _launch(reserved, pruned, None, None, 0, Nr, Np, traceable)
 
 
 def squeeze_tokens_triton(
@@ -390,7 +394,7 @@ def _squeeze_tokens_with_hosts(x, kept_idx, pruned_idx, num_prefix):
     return y, _hosts_of(keys)
 
 
-def _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix):
+def _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix, traceable=False):
     op = "squeeze_tokens_triton"
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"{op}: x must be a (B, P + n, C) float32, bfloat16 or float16 tensor; got "
@@ -409,10 +413,22 @@ def _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix):
         y = torch.empty((B, num_prefix + Nr, C), device=x.device, dtype=x.dtype)
         return y, _no_keys(B, Np, x.device)
     _check_runnable(x)
-    return _launch(x, x, kept_idx, pruned_idx, num_prefix, Nr, Np)
+    return _launch(x, x, kept_idx, pruned_idx, num_prefix, Nr, Np, traceable)
 
 
-def _launch(r_src, p_src, ridx, pidx, P, Nr, Np) -> tuple[torch.Tensor, torch.Tensor]:
+def _launcher(kernel, traceable: bool):
+    """(what to launch, launch options).  ``traceable`` (the operators' path): the kernel through
+    ``torch.library.wrap_triton``, which returns the kernel itself on real tensors and a traceable
+    wrapper while torch traces the operator (Inductor then launches it from the compiled graph);
+    Triton's own compile options are passed only to a direct launch."""
+    if traceable and _WRAP_TRITON is not None:
+        wrapped = _WRAP_TRITON(kernel)
+        if wrapped is not kernel:
+            return wrapped, {}
+    return kernel, {"enable_fp_fusion": True}  # explicit: triton 3.9 warns when unset
+
+
+def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch.Tensor, torch.Tensor]:
     """Both kernels; returns (y, packed host keys (B, Np) int64).  Plain: reserved/pruned rows are
     rows of ``r_src``/``p_src`` (P == 0).  Indexed: they are rows ``P + ridx[b]`` /
     ``P + pidx[b]``, and rows 0..P-1 pass through."""
@@ -427,24 +443,25 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np) -> tuple[torch.Tensor, torch.Te
     block_p = _block_p(Np)
     # DOT_F32: the interpreter multiplies bf16 tiles as their raw uint16 storage, so there every
     # dot operand is upcast (bf16 x bf16 products are exact in fp32: the same arithmetic).
-    common = dict(HAS_IDX=has_idx, BLOCK_P=block_p, DOT_F32=_interpreting(),
-                  enable_fp_fusion=True)  # explicit: triton 3.9 warns when unset
+    common = dict(HAS_IDX=has_idx, BLOCK_P=block_p, DOT_F32=_interpreting())
+    hosts, hosts_opts = _launcher(_hosts_tuned, traceable)
+    fuse, fuse_opts = _launcher(_fuse_tuned, traceable)
     # Triton launches on the current device; make it the inputs' one.
     guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with guard:
         if Np > 0 and Nr > 0:
-            _hosts_tuned[lambda meta: (triton.cdiv(Nr, meta["BLOCK_R"]), triton.cdiv(Np, block_p), B)](
+            hosts[lambda meta: (triton.cdiv(Nr, meta["BLOCK_R"]), triton.cdiv(Np, block_p), B)](
                 r_src, p_src, ridx, pidx, keys,
                 Nr, Np, C, P,
                 *r_src.stride(), *p_src.stride(), *idx_strides,
-                EPS=_EPS, PRECISION=_precision(dtype), **common,
+                EPS=_EPS, PRECISION=_precision(dtype), **common, **hosts_opts,
             )
         rows = P + Nr
-        _fuse_tuned[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]), B)](
+        fuse[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]), B)](
             r_src, p_src, ridx, pidx, keys, y,
             Nr, Np, C, P,
             *r_src.stride(), *p_src.stride(), *idx_strides, *y.stride(),
-            E=math.e, ONE_P=block_p >= Np, **common,
+            E=math.e, ONE_P=block_p >= Np, **common, **fuse_opts,
         )
     return y, keys
 
@@ -475,10 +492,9 @@ def register_cuda_kernel() -> bool:
     if not torch.cuda.is_available():
         logger.debug("tokenreduce: no CUDA device; squeeze stays on the reference kernel")
         return False
-    import tokenreduce.ops.squeeze  # noqa: F401  (defines the custom op)
+    from tokenreduce.ops.squeeze import register_device_kernels
 
-    torch.library.register_kernel("tokenreduce::squeeze", "cuda", _cuda_kernel)
-    torch.library.register_kernel("tokenreduce::squeeze_tokens", "cuda", _cuda_tokens_kernel)
+    register_device_kernels("cuda", squeeze=_cuda_kernel, squeeze_tokens=_cuda_tokens_kernel)
     _REGISTERED = True
     logger.debug("tokenreduce: registered the Triton squeeze as the CUDA kernel of both ops")
     return True
@@ -490,7 +506,7 @@ def _cuda_kernel(reserved: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
         from tokenreduce.ops.squeeze import squeeze_reference
 
         return squeeze_reference(reserved, pruned)
-    return squeeze_triton(reserved, pruned)
+    return _squeeze_keys(reserved, pruned, traceable=True)[0]
 
 
 def _cuda_tokens_kernel(x: torch.Tensor, kept_idx: torch.Tensor, pruned_idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -498,4 +514,4 @@ def _cuda_tokens_kernel(x: torch.Tensor, kept_idx: torch.Tensor, pruned_idx: tor
         from tokenreduce.ops.squeeze import squeeze_tokens_reference
 
         return squeeze_tokens_reference(x, kept_idx, pruned_idx, num_prefix)
-    return squeeze_tokens_triton(x, kept_idx, pruned_idx, num_prefix)
+    return _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix, traceable=True)[0]
