@@ -23,7 +23,10 @@ A and B for every variant, then C for its core variants (dense, limit and every 
 first ratio); then A and B for the other models; then the remaining C.  Every comparison is
 within one model (dense, limit and reduced of the same run), so a model can also be measured in
 a run of its own.  Results are written to ``--out`` after every measurement (``gpu-bench.json``,
-``gpu-bench.md``); the markdown table is printed last.
+``gpu-bench.md``); the markdown table is printed last.  Each compiled row also records the host
+time to launch one batch onto an idle GPU (``compiled_host_ms``): a row whose host time is close
+to its time per batch is launch-bound and measures Python, not kernels.  ``--kernels`` adds each
+compiled row's kernel-time sum and top kernels (and the squeeze's autotuned choices).
 
     PYTHONPATH=. python3 benchmarks/gpu.py                      # full run, ~9 min on one H100
     PYTHONPATH=. python3 benchmarks/gpu.py --models deit_small_patch16_224 --profile

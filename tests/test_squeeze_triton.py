@@ -305,8 +305,8 @@ def test_interp_merge_other_tilings(one_block):
         y2 = torch.empty_like(y)
         grid = (triton.cdiv(C, block_c), triton.cdiv(P + Nr, block_r * row_tiles), B)
         st._squeeze_fuse_kernel[grid](
-            x, x, kept, pruned, keys, y2, Nr, Np, C, P, *x.stride(), *x.stride(), *kept.stride(),
-            *pruned.stride(), *y2.stride(), E=math.e, DOT_F32=True, HAS_IDX=True, ONE_P=one_block,
+            x, x, kept, pruned, keys, y2, Nr, Np, C, P, *x.stride()[:2], *x.stride()[:2], *kept.stride(),
+            *pruned.stride(), *y2.stride()[:2], E=math.e, DOT_F32=True, HAS_IDX=True, ONE_P=one_block,
             BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_C=block_c, ROW_TILES=row_tiles)
         torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
 

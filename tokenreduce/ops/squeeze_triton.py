@@ -26,9 +26,9 @@ and nothing of size (B, Nr, C) besides the output; the result is deterministic:
         (BLOCK_R, BLOCK_P) (``tl.dot``), den = sum of the chosen w; writes
         y = where(den > 0, (e * xr + num) / (e + den), xr) in the input dtype.
 
-Block sizes (BLOCK_R, BLOCK_C, and ROW_TILES for the merge), warps and stages are autotuned per
-(sizes, dtype) on the first call from a short list (``_HOSTS_CONFIGS``, ``_FUSE_CONFIGS``);
-BLOCK_P follows Np (``_block_p``).
+The merge's block sizes (BLOCK_R, BLOCK_C, ROW_TILES), warps and stages are autotuned per
+(sizes, dtype) on the first call from a short list (``_FUSE_CONFIGS``); the host search has one
+config (``_HOSTS_CONFIGS``, see there why); BLOCK_P follows Np (``_block_p``).
 
 Precision: every sum is in fp32.  The similarity is a tensor-core product with fp32
 accumulation: exact products for bf16 / fp16 inputs, ``input_precision="tf32x3"`` for fp32
@@ -120,8 +120,8 @@ if _HAVE_TRITON:
     def _squeeze_hosts_kernel(
         r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr,
         Nr, Np, C, P,
-        s_rb, s_rn, s_rc,
-        s_pb, s_pn, s_pc,
+        s_rb, s_rn,
+        s_pb, s_pn,
         s_kb, s_kn, s_qb, s_qn,
         EPS: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -152,11 +152,11 @@ if _HAVE_TRITON:
             offs_c = c0 + arange_c
             mask_c = offs_c < C
             xp = tl.load(
-                p_base + rows_p[:, None] * s_pn + offs_c[None, :] * s_pc,
+                p_base + rows_p[:, None] * s_pn + offs_c[None, :],
                 mask=mask_p[:, None] & mask_c[None, :], other=0.0,
             )  # (BLOCK_P, BLOCK_C), input dtype
             xr_t = tl.load(
-                r_base + rows_r[None, :] * s_rn + offs_c[:, None] * s_rc,
+                r_base + rows_r[None, :] * s_rn + offs_c[:, None],
                 mask=mask_c[:, None] & mask_r[None, :], other=0.0,
             )  # (BLOCK_C, BLOCK_R), input dtype: reserved tile, transposed
             xp_f = xp.to(tl.float32)
@@ -177,7 +177,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
-                     s_pb, s_pn, s_pc, s_qb, s_qn,
+                     s_pb, s_pn, s_qb, s_qn,
                      HAS_IDX: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_P: tl.constexpr):
         """Pruned tokens p0 .. p0 + BLOCK_P: host (BLOCK_P,) int32 (-1 past Np), weight
         exp(cosine) (BLOCK_P,) fp32, and w * xp over the channel tile (fp32 products) as three
@@ -188,7 +188,7 @@ if _HAVE_TRITON:
         host, w = _unpack_host(tl.load(key_ptr + b * Np + offs_p, mask=mask_p, other=0))
         host = tl.where(mask_p, host, -1)  # matches no output row
         xp = tl.load(
-            p_ptr + b * s_pb + rows_p[:, None] * s_pn + offs_c[None, :] * s_pc,
+            p_ptr + b * s_pb + rows_p[:, None] * s_pn + offs_c[None, :],
             mask=mask_p[:, None] & mask_c[None, :], other=0.0,
         )
         wx = w[:, None] * xp.to(tl.float32)  # (BLOCK_P, BLOCK_C)
@@ -217,10 +217,10 @@ if _HAVE_TRITON:
     def _squeeze_fuse_kernel(
         r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, y_ptr,
         Nr, Np, C, P,
-        s_rb, s_rn, s_rc,
-        s_pb, s_pn, s_pc,
+        s_rb, s_rn,
+        s_pb, s_pn,
         s_kb, s_kn, s_qb, s_qn,
-        s_yb, s_yn, s_yc,
+        s_yb, s_yn,
         E: tl.constexpr,
         DOT_F32: tl.constexpr,
         HAS_IDX: tl.constexpr,
@@ -234,7 +234,7 @@ if _HAVE_TRITON:
         mask_c = offs_c < C
         if ONE_P:  # every pruned token in one block: read it once, merge it into every row tile
             host, w, hi, mid, lo = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, 0, offs_c, mask_c, Np, P,
-                                                s_pb, s_pn, s_pc, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
+                                                s_pb, s_pn, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
 
         # Output rows: P pass-through rows (source rows 0..P-1), then the Nr reserved ones.
         row0 = pid_g * ROW_TILES * BLOCK_R
@@ -253,17 +253,17 @@ if _HAVE_TRITON:
                 for p0 in range(0, Np, BLOCK_P):
                     host_b, w_b, hi_b, mid_b, lo_b = _pruned_tile(
                         p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
-                        s_pb, s_pn, s_pc, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
+                        s_pb, s_pn, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
                     num, den = _merge_tile(num, den, offs_j, is_res, host_b, w_b, hi_b, mid_b, lo_b)
             xr = tl.load(
-                r_ptr + b * s_rb + rows_o[:, None] * s_rn + offs_c[None, :] * s_rc,
+                r_ptr + b * s_rb + rows_o[:, None] * s_rn + offs_c[None, :],
                 mask=mask_o[:, None] & mask_c[None, :], other=0.0,
             )  # (BLOCK_R, BLOCK_C), input dtype
             y = (E * xr.to(tl.float32) + num) / (E + den[:, None])
             # Unmatched reserved rows and pass-through rows: the input, untouched (no fp32 round trip).
             out = tl.where((den > 0.0)[:, None], y.to(xr.dtype), xr)
             tl.store(
-                y_ptr + b * s_yb + offs_o[:, None] * s_yn + offs_c[None, :] * s_yc,
+                y_ptr + b * s_yb + offs_o[:, None] * s_yn + offs_c[None, :],
                 out, mask=mask_o[:, None] & mask_c[None, :],
             )
 
@@ -279,14 +279,17 @@ if _HAVE_TRITON:
 
     # The first entry of each list is the untuned default (and the interpreter's only config):
     # the fastest at DeiT-S's first site (fp32, C 384) on an H200 (hosts 68 us, merge 83 us).
+    # The host search has only that one: under torch.compile Inductor autotunes these kernels
+    # itself, and its choice from a list of 7 made the host search 2x slower at every eTPS
+    # site of DeiT-S (273 us per batch, run 10); from 3, 155 to 169 us; this one alone, 150 us
+    # (runs 12 to 15, docs/benchmarks.md).  The merge keeps the configs that won at some
+    # DeiT-T/S/B site shape (fp32 or bf16).
     # BLOCK_P is not tuned: one block holds every pruned token up to _ONE_BLOCK_P of them.
     _HOSTS_CONFIGS = [  # (BLOCK_R, BLOCK_C, warps, stages)
-        (64, 16, 4, 4), (64, 32, 4, 3), (128, 32, 4, 3), (32, 16, 4, 4), (64, 64, 4, 2),
-        (64, 128, 8, 2), (128, 16, 8, 4),
+        (64, 16, 4, 4),
     ]
     _FUSE_CONFIGS = [  # (BLOCK_R, BLOCK_C, ROW_TILES, warps, stages)
-        (32, 64, 1, 4, 2), (32, 128, 1, 4, 2), (16, 128, 4, 4, 2), (16, 64, 1, 4, 2),
-        (32, 32, 1, 4, 2), (64, 64, 2, 4, 2), (16, 256, 2, 4, 2), (32, 128, 2, 4, 2),
+        (32, 64, 1, 4, 2), (32, 32, 1, 4, 2), (16, 64, 1, 4, 2), (32, 128, 1, 4, 2),
     ]
     # Tuned per problem size and dtype (Triton adds the tensor dtypes to the key).
     _hosts_tuned = triton.autotune(
@@ -432,6 +435,13 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
     """Both kernels; returns (y, packed host keys (B, Np) int64).  Plain: reserved/pruned rows are
     rows of ``r_src``/``p_src`` (P == 0).  Indexed: they are rows ``P + ridx[b]`` /
     ``P + pidx[b]``, and rows 0..P-1 pass through."""
+    # The kernels read channels at unit stride (vector loads whatever the launcher specialises).
+    if r_src.stride(-1) != 1:
+        same = p_src is r_src
+        r_src = r_src.contiguous()
+        p_src = r_src if same else p_src
+    if p_src.stride(-1) != 1:
+        p_src = p_src.contiguous()
     B, _, C = r_src.shape
     dtype, dev = r_src.dtype, r_src.device
     keys = torch.full((B, Np), torch.iinfo(torch.int64).min, device=dev, dtype=torch.int64)
@@ -453,14 +463,14 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
             hosts[lambda meta: (triton.cdiv(Nr, meta["BLOCK_R"]), triton.cdiv(Np, block_p), B)](
                 r_src, p_src, ridx, pidx, keys,
                 Nr, Np, C, P,
-                *r_src.stride(), *p_src.stride(), *idx_strides,
+                *r_src.stride()[:2], *p_src.stride()[:2], *idx_strides,
                 EPS=_EPS, PRECISION=_precision(dtype), **common, **hosts_opts,
             )
         rows = P + Nr
         fuse[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]), B)](
             r_src, p_src, ridx, pidx, keys, y,
             Nr, Np, C, P,
-            *r_src.stride(), *p_src.stride(), *idx_strides, *y.stride(),
+            *r_src.stride()[:2], *p_src.stride()[:2], *idx_strides, *y.stride()[:2],
             E=math.e, ONE_P=block_p >= Np, **common, **fuse_opts,
         )
     return y, keys
