@@ -26,7 +26,7 @@ a run of its own.  Results are written to ``--out`` after every measurement (``g
 ``gpu-bench.md``); the markdown table is printed last.  Each compiled row also records the host
 time to launch one batch onto an idle GPU (``compiled_host_ms``): a row whose host time is close
 to its time per batch is launch-bound and measures Python, not kernels.  ``--kernels`` adds each
-compiled row's kernel-time sum and top kernels (and the squeeze's autotuned choices).
+compiled row's kernel-time sum and top kernels.
 
     PYTHONPATH=. python3 benchmarks/gpu.py                      # full run, ~9 min on one H100
     PYTHONPATH=. python3 benchmarks/gpu.py --models deit_small_patch16_224 --profile
@@ -150,16 +150,6 @@ def kernel_times(fn, iters: int, device_type: str) -> tuple[dict[str, float], ob
         if evt.device_type == DeviceType.CUDA:
             kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.device_time_total / iters
     return dict(sorted(kernels.items(), key=lambda kv: -kv[1])), prof
-
-
-def squeeze_choices() -> dict:
-    """The Triton squeeze's autotuned choice for each shape key seen so far."""
-    from tokenreduce.ops import squeeze_triton as st
-
-    if not st.triton_available():
-        return {}
-    return {name: {str(k): f"{c.kwargs} w{c.num_warps} s{c.num_stages}" for k, c in tuner.cache.items()}
-            for name, tuner in (("hosts", st._hosts_tuned), ("fuse", st._fuse_tuned))}
 
 
 def graphed(fn):
@@ -437,8 +427,8 @@ class Bench:
             self.save()
 
     def record_kernels(self, row: dict, fn) -> None:
-        """--kernels: the row's kernel times (top 15, us per batch) and the squeeze's autotuned
-        choices, so that a row far off its neighbours can be explained from the JSON."""
+        """--kernels: the row's kernel times (top 15, us per batch), so that a row far off its
+        neighbours can be explained from the JSON."""
         with torch.no_grad(), self.autocast():
             kernels, _ = kernel_times(fn, 5, self.device.type)
         pattern = re.compile(REDUCTION_KERNELS, re.IGNORECASE)
@@ -447,8 +437,6 @@ class Bench:
             "reduction": round(sum(v for k, v in kernels.items() if pattern.search(k)), 1),
             "top": {k[:90]: round(v, 1) for k, v in list(kernels.items())[:15]},
         }
-        if row["kind"] == "reduced":
-            row["squeeze_choices"] = squeeze_choices()
         top = ", ".join(f"{k[:40]} {v:.0f}" for k, v in list(kernels.items())[:4])
         log(f"    kernels {row['kernels_us']['total']:.0f} us/batch (reduction "
             f"{row['kernels_us']['reduction']:.0f}): {top}")
@@ -626,7 +614,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="profile one compiled reduced model first (see --profile-variant)")
     p.add_argument("--kernels", action="store_true",
-                   help="after each compiled timing, record the row's top kernels and squeeze choices")
+                   help="after each compiled timing, record the row's kernel-time sum and top kernels")
     p.add_argument("--profile-variant", default="deit_small_patch16_224:etps@0.7")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds from process start; no measurement starts that would end past "

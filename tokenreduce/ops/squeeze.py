@@ -229,7 +229,8 @@ def squeeze(reserved: Tensor, pruned: Tensor) -> Tensor:
     """Fuse ``pruned`` (B, Np, C) into ``reserved`` (B, Nr, C); returns (B, Nr, C).
 
     See the module docstring for the math. Identity case: ``Np == 0`` returns ``reserved``
-    itself (no copy). Differentiable w.r.t. both inputs; one ``torch.compile`` graph node.
+    itself (no copy). Differentiable w.r.t. both inputs. Under ``torch.compile`` the operator's
+    device kernel is traced into the graph (a triton op; torch 2.5: one opaque node).
     """
     check_token_pair("squeeze", reserved, pruned)
     if pruned.shape[1] == 0:
@@ -240,14 +241,15 @@ def squeeze(reserved: Tensor, pruned: Tensor) -> Tensor:
     return torch.ops.tokenreduce.squeeze(reserved, pruned)
 
 
-# How `squeeze` runs under torch.compile: False keeps the custom operator (one opaque node, served
-# by the registered kernel, e.g. the Triton one on CUDA); True inlines the reference so Inductor
-# can fuse it. Eager always uses the operator. Default from TOKENREDUCE_SQUEEZE=op|inline.
+# How `squeeze` runs under torch.compile: False keeps the operator (traced into its device kernel,
+# e.g. the Triton launches on CUDA; the reference elsewhere); True inlines the reference so
+# Inductor can fuse it, which differs from False only where a device kernel is registered.
+# Eager always uses the operator. Default from TOKENREDUCE_SQUEEZE=op|inline.
 INLINE_UNDER_COMPILE = os.environ.get("TOKENREDUCE_SQUEEZE", "op") == "inline"
 
 
 def set_squeeze_impl(impl: str) -> None:
-    """Choose how ``squeeze`` compiles: ``"op"`` (the custom operator and its kernel) or
+    """Choose how ``squeeze`` compiles: ``"op"`` (the operator and its device kernel) or
     ``"inline"`` (the reference's plain ops, fused by Inductor). Call before ``torch.compile``."""
     global INLINE_UNDER_COMPILE
     if impl not in ("op", "inline"):
@@ -307,7 +309,8 @@ def squeeze_tokens(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: 
     they need not be sorted, and together usually partition ``0..n-1``). The first ``num_prefix``
     tokens are copied through; row ``P + j`` is ``squeeze``'s row ``j`` for the reserved tokens
     ``x[:, P:][kept_idx]`` and the pruned ones ``x[:, P:][pruned_idx]``. Differentiable w.r.t.
-    ``x``; one ``torch.compile`` graph node (the fused Triton kernel on CUDA).
+    ``x``. Under ``torch.compile`` the graph launches the fused Triton kernels on CUDA itself (a
+    triton op; torch 2.5: one opaque node).
     """
     op = "squeeze_tokens"
     check_tensor(op, "x", x, 3, "(B, P + n, C)")

@@ -294,7 +294,8 @@ if _HAVE_TRITON:
     # Tuned per problem size and dtype (Triton adds the tensor dtypes to the key).
     _hosts_tuned = triton.autotune(
         _configs(_HOSTS_CONFIGS, ("BLOCK_R", "BLOCK_C")), key=["Nr", "Np", "C", "HAS_IDX"],
-        restore_value=["key_ptr"],  # every timed config starts from the empty keys
+        # With more than one config, every timed one must start from the empty keys.
+        restore_value=["key_ptr"],
     )(_squeeze_hosts_kernel)
     _fuse_tuned = triton.autotune(
         _configs(_FUSE_CONFIGS, ("BLOCK_R", "BLOCK_C", "ROW_TILES")), key=["Nr", "Np", "C", "P", "HAS_IDX"]
