@@ -32,6 +32,25 @@ def test_cls_attention_is_class_row_of_full_attention(num_prefix, dtype):
     torch.testing.assert_close(out, expected.float(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cls_attention_compiled_form_matches(dtype):
+    """Under torch.compile the scores are a fused multiply-sum over a strided K (no matmul): the
+    same values, from K as a view of a qkv projection as in timm's Attention."""
+    g = torch.Generator().manual_seed(3)
+    B, H, N, d = 2, 3, 9, 8
+    qkv_ = torch.randn(B, N, 3, H, d, generator=g).to(dtype).permute(2, 0, 3, 1, 4)
+    q, k = qkv_[0], qkv_[1]  # (B, H, N, d) strided views
+    scale = d**-0.5
+    full = ((q.double() @ k.double().transpose(-2, -1)) * scale).softmax(dim=-1)
+    expected = full[:, :, 0, 1:].mean(dim=1).float()
+    torch._dynamo.reset()
+    compiled = torch.compile(cls_attention, fullgraph=True)
+    out = compiled(q, k, scale, 1)
+    assert out.dtype == torch.float32 and out.shape == (B, N - 1)
+    # fp32 products in both dtypes: bf16 inputs are exact in them, so only the sum rounds
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
 @settings(max_examples=50)
 @given(
     B=st.integers(1, 3), H=st.integers(1, 4), N=st.integers(1, 9), d=st.integers(1, 5),

@@ -145,3 +145,25 @@ def test_topk_split_exact_under_autocast():
         got = topk_split(scores, 300)
     for a, b in zip(got, _split_by_sort(scores, 300)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype, n", [(torch.float16, 2048), (torch.float32, 3000)])
+def test_prefix_counts_exact_in_their_dtype(dtype, n):
+    """The counting GEMM's dtypes (float16 on CUDA up to n = 2048, else float32) hold every count:
+    a dense mask counts up to n itself."""
+    from tokenreduce.ops.select import _count_upto
+
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(3, n, generator=g) > 0.3
+    mask[0] = True  # the largest counts: 1 .. n
+    upper = torch.ones(n, n, dtype=dtype).triu()
+    assert torch.equal(_count_upto(mask, upper), mask.long().cumsum(dim=1))
+
+
+def test_count_dtype_is_float16_only_where_exact():
+    from tokenreduce.ops.select import _count_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _count_dtype(cuda, 2048) == torch.float16
+    assert _count_dtype(cuda, 2049) == torch.float32
+    assert _count_dtype(cpu, 196) == torch.float32

@@ -538,6 +538,9 @@ def test_compiled_site_launches_the_kernels_from_the_graph():
     code = "\n".join(codes)
     assert "_squeeze_hosts_kernel" in code and "_squeeze_fuse_kernel" in code
     assert "tokenreduce.squeeze_tokens" not in code, "the compiled graph calls the opaque operator"
+    # The input is an unmaterialised product: Inductor must write it once, not once per kernel
+    # argument (it did: r and p of both kernels, four copies).
+    assert code.count("empty_strided_cuda((4, 59, 96)") == 1, "the site's input is written more than once"
     torch.testing.assert_close(y, squeeze_tokens(x * 2.0, kept, pruned, 1) + 1.0, rtol=1e-5, atol=1e-5)
 
 

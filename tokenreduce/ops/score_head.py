@@ -56,8 +56,11 @@ class ScoreHead(nn.Module):
             # The clamp only matters when no token is alive (0 / 0); with >= 1 alive token
             # and 0/1 masks the denominator is >= 1 and the value is the plain weighted mean.
             glob = (feat * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
-        z = torch.cat([local, glob.expand(-1, n, -1)], dim=-1)  # (B, n, C)
-        return F.log_softmax(self.classify(z), dim=-1)  # (B, n, 2)
+        # classify[0] of cat([local, glob]): its global half is one product per image, not per
+        # token, and no (B, n, C) concatenation is written.
+        first = self.classify[0]
+        z = F.linear(local, first.weight[:, :half]) + F.linear(glob, first.weight[:, half:], first.bias)
+        return F.log_softmax(self.classify[1:](z), dim=-1)  # (B, n, 2)
 
 
 def gumbel_keep(log_probs: Tensor, tau: float = 1.0) -> Tensor:

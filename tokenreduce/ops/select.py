@@ -40,7 +40,7 @@ def topk_split(scores: Tensor, k: int | torch.SymInt) -> tuple[Tensor, Tensor]:
     above = scores > kth
     tied = scores == kth
     room = k - above.sum(dim=1, keepdim=True)  # (B, 1): places left for tied tokens
-    upper = torch.ones(n, n, device=scores.device).triu()  # upper[j, i] = 1 where j <= i
+    upper = torch.ones(n, n, device=scores.device, dtype=_count_dtype(scores.device, n)).triu()  # [j <= i]
     keep = above | (tied & (_count_upto(tied, upper) <= room))  # (B, n), exactly k per row
     rank = _count_upto(keep, upper)  # (B, n): kept tokens at or before i
     i = torch.arange(n, device=scores.device)
@@ -49,16 +49,23 @@ def topk_split(scores: Tensor, k: int | torch.SymInt) -> tuple[Tensor, Tensor]:
     return order[:, :k], order[:, k:]
 
 
+def _count_dtype(device: torch.device, n: int) -> torch.dtype:
+    """float16 on CUDA while every count fits its 11-bit significand (a tensor-core GEMM; fp32
+    without TF32 runs on the CUDA cores, 4x slower at DeiT-S's sites), else float32."""
+    return torch.float16 if device.type == "cuda" and n <= 2048 else torch.float32
+
+
 def _count_upto(mask: Tensor, upper: Tensor) -> Tensor:
     """(B, n) bool, (n, n) upper-triangular ones -> (B, n) int64 inclusive prefix counts,
     ``mask[:, :i + 1].sum(1)``.
 
-    A float32 matmul with a triangular matrix of ones rather than ``cumsum``: exact (0/1 products,
-    integer sums below 2^24, also with TF32), one GEMM on any device, and it avoids Inductor's
+    A matmul with a triangular matrix of ones (in ``upper``'s dtype) rather than ``cumsum``:
+    exact (0/1 products, fp32 accumulation, integer results that the output dtype holds: n <=
+    2048 in float16, below 2^24 in float32), one GEMM on any device, and it avoids Inductor's
     scan kernels (torch 2.11 fails to generate one for an int64 cumsum in the dTPS graph).
     """
     with torch.autocast(mask.device.type, enabled=False):  # bf16 would round counts above 256
-        return (mask.float() @ upper).long()
+        return (mask.to(upper.dtype) @ upper).long()
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:

@@ -432,17 +432,32 @@ def _launcher(kernel, traceable: bool):
     return kernel, {"enable_fp_fusion": True}  # explicit: triton 3.9 warns when unset
 
 
+def _realized(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as an explicit view of itself, for a kernel argument in a traced graph.
+
+    Inductor fixes the strides of a user Triton kernel's tensor arguments, and an argument that
+    is still an unmaterialised computation (the residual sum before a site) it copies, once per
+    argument: DeiT-S eTPS wrote that sum four times per site (r and p of both kernels,
+    250 us per batch on an H200).  ``as_strided`` makes Inductor materialise it once, in place.
+    """
+    return t.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
 def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch.Tensor, torch.Tensor]:
     """Both kernels; returns (y, packed host keys (B, Np) int64).  Plain: reserved/pruned rows are
     rows of ``r_src``/``p_src`` (P == 0).  Indexed: they are rows ``P + ridx[b]`` /
     ``P + pidx[b]``, and rows 0..P-1 pass through."""
+    same = p_src is r_src
     # The kernels read channels at unit stride (vector loads whatever the launcher specialises).
     if r_src.stride(-1) != 1:
-        same = p_src is r_src
         r_src = r_src.contiguous()
-        p_src = r_src if same else p_src
     if p_src.stride(-1) != 1:
-        p_src = p_src.contiguous()
+        p_src = r_src if same else p_src.contiguous()
+    hosts, hosts_opts = _launcher(_hosts_tuned, traceable)
+    fuse, fuse_opts = _launcher(_fuse_tuned, traceable)
+    if fuse is not _fuse_tuned:  # traced into a graph
+        r_src = _realized(r_src)
+        p_src = r_src if same else _realized(p_src)
     B, _, C = r_src.shape
     dtype, dev = r_src.dtype, r_src.device
     keys = torch.full((B, Np), torch.iinfo(torch.int64).min, device=dev, dtype=torch.int64)
@@ -455,8 +470,6 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
     # DOT_F32: the interpreter multiplies bf16 tiles as their raw uint16 storage, so there every
     # dot operand is upcast (bf16 x bf16 products are exact in fp32: the same arithmetic).
     common = dict(HAS_IDX=has_idx, BLOCK_P=block_p, DOT_F32=_interpreting())
-    hosts, hosts_opts = _launcher(_hosts_tuned, traceable)
-    fuse, fuse_opts = _launcher(_fuse_tuned, traceable)
     # Triton launches on the current device; make it the inputs' one.
     guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with guard:
