@@ -5,6 +5,7 @@ The public API is ``__all__``; the module layout behind it may change.
 
 import os
 
+from ._kernels import register_device_kernels
 from .grid import scatter_to_grid
 from .attention import cls_attention, policy_attention, policy_softmax
 from .reduce import drop, fuse_one
@@ -31,6 +32,7 @@ __all__ = [
     "gumbel_keep",
     "policy_attention",
     "policy_softmax",
+    "register_device_kernels",
     "squeeze",
     "squeeze_assign",
     "squeeze_masked",
@@ -42,9 +44,10 @@ __all__ = [
     "topk_split",
 ]
 
-# On CUDA with Triton installed, the fused Triton kernel serves tokenreduce::squeeze (the reference
-# keeps serving other devices). TOKENREDUCE_TRITON=0 opts out.
+# On CUDA with Triton installed, fused Triton kernels serve tokenreduce::squeeze, squeeze_tokens and
+# split_order (the references keep serving other devices). TOKENREDUCE_TRITON=0 opts out.
 if os.environ.get("TOKENREDUCE_TRITON", "1") != "0":
-    from .squeeze_triton import register_cuda_kernel
+    from . import select_triton, squeeze_triton
 
-    register_cuda_kernel()
+    squeeze_triton.register_cuda_kernel()
+    select_triton.register_cuda_kernel()

@@ -2,7 +2,9 @@
 
 ``topk_split`` keeps both halves in ascending index order (the original raster order), so
 spatial models can scatter kept tokens back to their grid positions and later ops see tokens
-in the same relative order as the unreduced model.
+in the same relative order as the unreduced model. It is the operator
+``tokenreduce::split_order`` (one fused Triton kernel on CUDA, registered by
+``ops/select_triton.py``; ``split_order_reference`` elsewhere).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._kernels import define_op, device_kernel
 from ._validate import check_float, check_index, check_size_match, check_tensor
 
-__all__ = ["gather_tokens", "topk_split"]
+__all__ = ["gather_tokens", "split_order_op", "split_order_reference", "topk_split"]
 
 
 def topk_split(scores: Tensor, k: int | torch.SymInt) -> tuple[Tensor, Tensor]:
@@ -32,10 +35,20 @@ def topk_split(scores: Tensor, k: int | torch.SymInt) -> tuple[Tensor, Tensor]:
     if not 1 <= k <= n:
         raise ValueError(f"{op}: `k` must satisfy 1 <= k <= n = {n} (scores of shape "
                          f"{tuple(scores.shape)}), got k = {k}")
-    # No sort: Inductor lowers sorts to Triton kernels that are slow to compile, and the order
-    # itself is not needed. The k-th largest score is a threshold; of the tokens equal to it, the
-    # lowest-index ones fill the remaining places. Prefix counts then lay both halves out in
-    # raster order.
+    order = torch.ops.tokenreduce.split_order(scores, k)  # (B, n)
+    return order[:, :k], order[:, k:]
+
+
+def split_order_reference(scores: Tensor, k: int) -> Tensor:
+    """(B, n) scores, k -> (B, n) int64: the ``k`` highest-scoring indices ascending, then the
+    others ascending (equal scores ranked by index, lower first). No validation.
+
+    The default kernel of ``tokenreduce::split_order``. No sort: Inductor lowers sorts to Triton
+    kernels that are slow to compile, and the order itself is not needed. The k-th largest score
+    is a threshold; of the tokens equal to it, the lowest-index ones fill the remaining places.
+    Prefix counts then lay both halves out in raster order.
+    """
+    n = scores.shape[1]
     kth = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (B, 1)
     above = scores > kth
     tied = scores == kth
@@ -45,8 +58,20 @@ def topk_split(scores: Tensor, k: int | torch.SymInt) -> tuple[Tensor, Tensor]:
     rank = _count_upto(keep, upper)  # (B, n): kept tokens at or before i
     i = torch.arange(n, device=scores.device)
     slot = torch.where(keep, rank - 1, k + i - rank)  # a permutation of 0..n-1 per row
-    order = torch.empty_like(slot).scatter_(1, slot, i.expand_as(slot))  # (B, n)
-    return order[:, :k], order[:, k:]
+    return torch.empty_like(slot).scatter_(1, slot, i.expand_as(slot))  # (B, n)
+
+
+def _split_order_impl(scores: Tensor, k: int) -> Tensor:
+    """``tokenreduce::split_order``: (B, n) float, k -> (B, n) int64."""
+    kernel = device_kernel(scores.device.type, "split_order")
+    return split_order_reference(scores, k) if kernel is None else kernel(scores, k)
+
+
+def _split_order_fake(scores: Tensor, k: int) -> Tensor:
+    return scores.new_empty(scores.shape, dtype=torch.int64)
+
+
+split_order_op = define_op("tokenreduce::split_order", _split_order_impl, _split_order_fake)
 
 
 def _count_dtype(device: torch.device, n: int) -> torch.dtype:

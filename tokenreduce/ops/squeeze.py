@@ -13,18 +13,9 @@ A reserved token that hosts nothing is returned bit for bit; ``Np == 0`` returns
 
 ``squeeze`` dispatches to the custom operator ``torch.ops.tokenreduce.squeeze`` (``squeeze_op``),
 which carries an autograd formula. ``squeeze_reference`` serves every device that has no fused
-kernel. A fused kernel is added from its own module without touching this one::
-
-    from tokenreduce.ops.squeeze import register_device_kernels
-
-    register_device_kernels("cuda", squeeze=my_squeeze, squeeze_tokens=my_squeeze_tokens)
-
-With ``torch.library.triton_op`` (torch >= 2.6 with triton installed) both operators are triton
-ops: ``torch.compile`` traces into them, so a kernel that launches through
-``torch.library.wrap_triton`` is called from the compiled graph's own wrapper, with Inductor's
-launcher, and the Python of the operator is not on the compiled path. Without it they are opaque
-custom ops with fake implementations. The backward stays the reference's, so a forward kernel
-must match it numerically.
+kernel; a fused one is registered with ``register_device_kernels`` (see ``ops/_kernels.py``:
+under ``torch.compile`` a Triton kernel is then launched from the compiled graph itself). The
+backward stays the reference's, so a forward kernel must match it numerically.
 
 Indexed form (what a reduction site calls): the gathers and the prefix pass-through are part of
 the operator ``torch.ops.tokenreduce.squeeze_tokens``, so a fused kernel reads the kept and pruned
@@ -40,15 +31,14 @@ Training form (dTPS, fixed length, straight-through masks)::
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from ._kernels import define_op, device_kernel, register_device_kernels
 from ._validate import check_float, check_index, check_shape, check_size_match, check_tensor, check_token_pair
 from .select import gather_tokens
 
@@ -160,36 +150,9 @@ def squeeze_assign(reserved: Tensor, pruned: Tensor) -> SqueezeAssignment:
     return SqueezeAssignment(host, weight, SELF_WEIGHT / den)
 
 
-# Fused kernels by device type ("cuda": tokenreduce.ops.squeeze_triton), see register_device_kernels.
-_DEVICE_KERNELS: dict[str, dict[str, Callable[..., Tensor]]] = {}
-# triton_op needs torch >= 2.6 (with wrap_triton) and triton itself.
-_TRITON_OP = (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-              and importlib.util.find_spec("triton") is not None)
-
-
-def register_device_kernels(device_type: str, *, squeeze: Callable[..., Tensor],
-                            squeeze_tokens: Callable[..., Tensor]) -> None:
-    """Serve ``tokenreduce::squeeze`` / ``squeeze_tokens`` on ``device_type`` with these functions.
-
-    They take the operators' arguments, return a new tensor (never an input) and handle every
-    dtype (falling back to the reference where they have no kernel). Under ``torch.compile``
-    they are traced with fake tensors, so they may call only torch operators and Triton kernels
-    launched through ``torch.library.wrap_triton``.
-    """
-    _DEVICE_KERNELS[device_type] = {"squeeze": squeeze, "squeeze_tokens": squeeze_tokens}
-
-
-def _define_op(name: str, fn: Callable[..., Tensor], fake: Callable[..., Tensor]):
-    if _TRITON_OP:  # compile traces into fn; fn serves as its own fake implementation
-        return torch.library.triton_op(name, fn, mutates_args=())
-    op = torch.library.custom_op(name, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
-
-
 def _squeeze_impl(reserved: Tensor, pruned: Tensor) -> Tensor:
     """``tokenreduce::squeeze``: (B, Nr, C), (B, Np, C) -> (B, Nr, C)."""
-    kernel = _DEVICE_KERNELS.get(reserved.device.type, {}).get("squeeze")
+    kernel = device_kernel(reserved.device.type, "squeeze")
     return squeeze_reference(reserved, pruned) if kernel is None else kernel(reserved, pruned)
 
 
@@ -197,7 +160,7 @@ def _squeeze_fake(reserved: Tensor, pruned: Tensor) -> Tensor:
     return torch.empty_like(reserved)
 
 
-squeeze_op = _define_op("tokenreduce::squeeze", _squeeze_impl, _squeeze_fake)
+squeeze_op = define_op("tokenreduce::squeeze", _squeeze_impl, _squeeze_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -269,7 +232,7 @@ def squeeze_tokens_reference(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, nu
 
 def _squeeze_tokens_impl(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: int) -> Tensor:
     """``tokenreduce::squeeze_tokens``: (B, P + n, C), (B, k), (B, n - k), P -> (B, P + k, C)."""
-    kernel = _DEVICE_KERNELS.get(x.device.type, {}).get("squeeze_tokens")
+    kernel = device_kernel(x.device.type, "squeeze_tokens")
     if kernel is None:
         return squeeze_tokens_reference(x, kept_idx, pruned_idx, num_prefix)
     return kernel(x, kept_idx, pruned_idx, num_prefix)
@@ -279,7 +242,7 @@ def _squeeze_tokens_fake(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_pr
     return x.new_empty((x.shape[0], num_prefix + kept_idx.shape[1], x.shape[2]))
 
 
-squeeze_tokens_op = _define_op("tokenreduce::squeeze_tokens", _squeeze_tokens_impl, _squeeze_tokens_fake)
+squeeze_tokens_op = define_op("tokenreduce::squeeze_tokens", _squeeze_tokens_impl, _squeeze_tokens_fake)
 
 
 def _tokens_setup_context(ctx, inputs, output) -> None:

@@ -338,12 +338,12 @@ def _validate(reserved: torch.Tensor, pruned: torch.Tensor) -> None:
         )
 
 
-def _check_runnable(t: torch.Tensor) -> None:
+def _check_runnable(t: torch.Tensor, op: str = "squeeze_triton", reference: str = "squeeze_reference") -> None:
     if not _HAVE_TRITON:
-        raise RuntimeError("squeeze_triton: triton is not installed; use squeeze_reference")
+        raise RuntimeError(f"{op}: triton is not installed; use {reference}")
     if t.device.type != "cuda" and not _interpreting():
         raise ValueError(
-            f"squeeze_triton: tensors must be on a CUDA device, got {t.device} "
+            f"{op}: tensors must be on a CUDA device, got {t.device} "
             "(CPU tensors run only under the Triton interpreter, TRITON_INTERPRET=1)"
         )
 

@@ -1,0 +1,202 @@
+"""The Triton split (``tokenreduce::split_order``, ops/select_triton.py) against the reference.
+
+As in test_squeeze_triton.py: ``interp_`` tests run in a child pytest under Triton's
+interpreter (CPU), the kernel is compiled ahead of time for sm_90, and ``gpu`` tests run it on
+CUDA. The split is exact: every test compares for equality.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from tokenreduce.ops import register_device_kernels
+from tokenreduce.ops.select import split_order_reference
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_CUDA = torch.cuda.is_available()
+
+interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of test_kernel_under_triton_interpreter")
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
+
+
+def _triton_version() -> tuple[int, ...]:
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+
+
+@st.composite
+def scores_and_k(draw, max_n=300):
+    """(scores (B, n), k): values from a small integer set (many ties, -0 and +0 among them),
+    or continuous; float32 / bfloat16 / float16; sometimes a transposed (strided) view."""
+    B = draw(st.integers(1, 3))
+    n = draw(st.integers(1, max_n))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    if draw(st.booleans()):
+        scores = torch.randint(-3, 4, (B, n), generator=g).float() * torch.where(
+            torch.rand(B, n, generator=g) < 0.5, -1.0, 1.0)  # signed zeros too
+    else:
+        scores = torch.randn(B, n, generator=g)
+    scores = scores.to(draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
+    if draw(st.booleans()):
+        scores = scores.t().contiguous().t()  # (B, n) with strides (1, B)
+    return scores, draw(st.integers(1, n))
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter child")
+@pytest.mark.skipif(HAVE_TRITON and _triton_version() < (3, 9), reason="verified with Triton 3.9's interpreter")
+def test_kernel_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+
+
+# ------------------------------------------------------------ interpreter tests (child only)
+@interp
+@settings(max_examples=40)
+@given(case=scores_and_k())
+def test_interp_equals_reference(case):
+    from tokenreduce.ops.select_triton import split_order_triton
+
+    scores, k = case
+    assert torch.equal(split_order_triton(scores, k), split_order_reference(scores, k))
+
+
+@interp
+def test_interp_ties_and_signed_zeros():
+    from tokenreduce.ops.select_triton import split_order_triton
+
+    scores = torch.tensor([[0.0, -0.0, 1.0, -0.0, 0.0, -1.0]])
+    # 1.0 first, then the zeros by index: k = 3 keeps 2 (the one) and 0, 1 (the first zeros)
+    assert split_order_triton(scores, 3).tolist() == [[0, 1, 2, 3, 4, 5]]
+    assert split_order_triton(scores, 2).tolist() == [[0, 2, 1, 3, 4, 5]]
+    assert split_order_triton(scores, 6).tolist() == [[0, 1, 2, 3, 4, 5]]
+
+
+@interp
+def test_interp_deit_site_sizes():
+    from tokenreduce.ops.select_triton import split_order_triton
+
+    g = torch.Generator().manual_seed(7)
+    for n, k in ((196, 137), (137, 96), (96, 67), (784, 549)):  # DeiT sites; PVT stage 2 (larger: GPU tests)
+        scores = torch.randn(4, n, generator=g)
+        assert torch.equal(split_order_triton(scores, k), split_order_reference(scores, k))
+
+
+# --------------------------------------------------------------------- plain (no kernel run)
+@needs_triton
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter replaces the JIT function")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_kernel_compiles_for_hopper(dtype):
+    """Ahead-of-time compile to sm_90 (no GPU needed): the sort, scan and scatter lower."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {err}")
+    from tokenreduce.ops.select_triton import _split_order_kernel as kernel
+
+    names = kernel.arg_names
+    signature = {n: {"s_ptr": f"*{dtype}", "out_ptr": "*i64", "BLOCK_N": "constexpr"}.get(n, "i32") for n in names}
+    try:
+        src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index("BLOCK_N"),): 256})
+    except TypeError as err:
+        pytest.skip(f"this triton's ahead-of-time compile API differs: {err}")
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": True})
+    except FileNotFoundError as err:
+        pytest.skip(f"cannot compile for sm_90 here: {err}")
+    assert "st.global" in compiled.asm["ptx"]
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETING, reason="checks behaviour outside the interpreter")
+def test_argument_errors_name_the_problem():
+    from tokenreduce.ops.select_triton import MAX_N, split_order_triton
+
+    with pytest.raises(ValueError, match=r"split_order_triton: scores must be a \(B, n\) float32"):
+        split_order_triton(torch.zeros(2, 5, dtype=torch.float64), 2)
+    with pytest.raises(ValueError, match=rf"needs 1 <= k <= n <= {MAX_N}; got n = 5, k = 6"):
+        split_order_triton(torch.zeros(2, 5), 6)
+    if not HAVE_CUDA:
+        with pytest.raises(ValueError, match="split_order_triton: tensors must be on a CUDA device"):
+            split_order_triton(torch.zeros(2, 5), 2)
+
+
+def test_register_device_kernels_rejects_unknown_operators():
+    with pytest.raises(ValueError, match=r"unknown operator\(s\) \['split'\]; known: \['squeeze', "
+                                         r"'squeeze_tokens', 'split_order'\]"):
+        register_device_kernels("cuda", split=lambda s, k: s)
+
+
+# --------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [(256, 196, 137), (64, 3136, 2195), (8, 5, 1), (3, 8192, 4000)])
+def test_cuda_equals_reference(dtype, size):
+    from tokenreduce.ops.select_triton import split_order_triton
+
+    B, n, k = size
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(B, n, generator=g).to(dtype)
+    scores[:, ::4] = 0.25  # exact ties straddling the cut
+    got = split_order_triton(scores.cuda(), k)
+    assert torch.equal(got.cpu(), split_order_reference(scores, k))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_op_dispatches_to_triton_and_passes_opcheck():
+    from tokenreduce.ops import select_triton, topk_split
+
+    assert select_triton.register_cuda_kernel() is True
+    scores = torch.randn(16, 196, device="cuda")
+    calls = []
+    real = select_triton.split_order_triton
+    try:
+        select_triton.split_order_triton = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+        kept, pruned = topk_split(scores, 137)
+    finally:
+        select_triton.split_order_triton = real
+    assert calls, "topk_split did not reach the Triton kernel on CUDA"
+    ref = split_order_reference(scores.cpu(), 137)
+    assert torch.equal(kept.cpu(), ref[:, :137]) and torch.equal(pruned.cpu(), ref[:, 137:])
+    torch.library.opcheck(torch.ops.tokenreduce.split_order.default, (scores, 137))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch.library.triton_op: torch >= 2.6")
+def test_compiled_split_launches_the_kernel_from_the_graph():
+    from torch._inductor.utils import run_and_get_code
+
+    from tokenreduce.ops import topk_split
+
+    scores = torch.randn(8, 196, device="cuda")
+
+    def split(s):
+        return topk_split(s.softmax(dim=-1), 137)
+
+    torch._dynamo.reset()
+    (kept, pruned), codes = run_and_get_code(torch.compile(split, fullgraph=True), scores)
+    code = "\n".join(codes)
+    assert "_split_order_kernel" in code and "tokenreduce.split_order" not in code
+    assert "topk" not in code, "the reference's top-k still runs in the compiled graph"
+    ref = split_order_reference(scores.softmax(dim=-1).cpu(), 137)
+    assert torch.equal(kept.cpu(), ref[:, :137]) and torch.equal(pruned.cpu(), ref[:, 137:])
