@@ -64,7 +64,7 @@ HYBRIDS = ("pvt_", "cvt_")
 # Kernel names that belong to choosing and merging tokens (profile share).
 # Not plain "squeeze": Inductor names the kernels that consume the op's output after it too.
 # FillFunctor: the op's host-key initialisation (torch.full; Inductor's own fills are Triton).
-REDUCTION_KERNELS = r"topk|sort|gather|scatter|index|^_squeeze_|squeeze_reference|argmax|arg_max|FillFunctor"
+REDUCTION_KERNELS = r"topk|sort|gather|scatter|index|^_squeeze_|^_split_order|squeeze_reference|argmax|arg_max|FillFunctor"
 # Rough first guesses of compile + timing seconds, replaced by what is measured.
 FIRST_GUESS_S = {"A": 10.0, "B": 45.0, "C": 35.0}
 
