@@ -81,3 +81,23 @@ def test_gumbel_keep_follows_probabilities():
     log_probs = torch.log(torch.tensor([0.9, 0.1])).expand(20000, 1, 2)
     rate = gumbel_keep(log_probs).mean().item()
     assert abs(rate - 0.9) < 0.02
+
+
+@pytest.mark.parametrize("use_prev", [False, True])
+def test_prefix_rows_are_embedded_and_dropped(use_prev):
+    """num_prefix = P: the same log-probs as the head on the patch rows alone (the prefix rows
+    go through the row-wise embedding only)."""
+    head = ScoreHead(8)
+    x = torch.randn(3, 2 + 5, 8)
+    prev = (torch.rand(3, 5, 1) > 0.3).float() if use_prev else None
+    if prev is not None:
+        prev[:, 0] = 1.0
+    out = head(x, prev, num_prefix=2)
+    assert out.shape == (3, 5, 2)
+    torch.testing.assert_close(out, head(x[:, 2:], prev))
+    torch.testing.assert_close(out, expected_log_probs(head, x[:, 2:], prev))
+
+
+def test_num_prefix_must_leave_a_token():
+    with pytest.raises(ValueError, match=r"ScoreHead: `num_prefix` must be an int in \[0, 3\) \(x of shape \(2, 3, 8\)\), got 3"):
+        ScoreHead(8)(torch.randn(2, 3, 8), None, num_prefix=3)

@@ -52,12 +52,15 @@ class Scorer(nn.Module):
 
     ``forward(patches (B, n, C), prev_keep (B, n, 1) | None, attn) -> (B, n)`` where ``attn`` is
     the block's :class:`AttnInputs` (used by attention-based scorers, None for others).
-    ``learned`` scorers also provide ``log_probs`` for the training form (Gumbel masks).
+    ``learned`` scorers also provide ``log_probs`` for the training form (Gumbel masks). With
+    ``sees_prefix`` both receive the whole stream (B, P + n, C) instead of ``patches`` and still
+    score the n patch tokens.
     """
 
     needs_attention: bool = False
     needs_prefix: bool = False  # needs a class token leading the sequence
     learned: bool = False
+    sees_prefix: bool = False  # takes the whole stream (B, P + n, C), prefix rows first
 
 
 class ClsAttentionScorer(Scorer):
@@ -81,16 +84,18 @@ class LearnedScorer(Scorer):
     """DynamicViT's score head; the score is the keep log-probability."""
 
     learned = True
+    sees_prefix = True  # the head's norm reads the whole stream (see ops.ScoreHead)
 
     def __init__(self, dim: int, num_prefix: int) -> None:
         super().__init__()
+        self.num_prefix = num_prefix
         self.head = ops.ScoreHead(dim)
 
-    def log_probs(self, patches: Tensor, prev_keep: Tensor | None) -> Tensor:
-        return self.head(patches, prev_keep)  # (B, n, 2)
+    def log_probs(self, x: Tensor, prev_keep: Tensor | None) -> Tensor:
+        return self.head(x, prev_keep, self.num_prefix)  # (B, n, 2)
 
-    def forward(self, patches: Tensor, prev_keep: Tensor | None, attn) -> Tensor:
-        return self.head(patches, prev_keep)[..., 0]
+    def forward(self, x: Tensor, prev_keep: Tensor | None, attn) -> Tensor:
+        return self.head(x, prev_keep, self.num_prefix)[..., 0]
 
 
 class RandomScorer(Scorer):

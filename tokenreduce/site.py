@@ -81,11 +81,12 @@ class ReductionSite(nn.Module):
             pos = torch.arange(n, device=x.device).expand(B, n)
             state = TokenState(pos=pos, keep=None, n_ref=n)
         if self.training and self.scorer.learned:
-            return self._masked(prefix, patches, state)
+            return self._masked(x, prefix, patches, state)
         keep = keep_count(self.counts, self.ratio, n, state.n_ref)
         if keep == n:  # identity case: keep everything, bit for bit
             return x, state
-        scores = self.scorer(patches, state.keep, AttnInputs(q, k, scale, probs))  # (B, n)
+        seen = x if self.scorer.sees_prefix else patches
+        scores = self.scorer(seen, state.keep, AttnInputs(q, k, scale, probs))  # (B, n)
         kept_idx, pruned_idx = ops.topk_split(scores, keep)  # (B, k), (B, n - k), raster order
         indexed = INDEXED_REDUCERS.get(self.reducer)
         if indexed is not None:  # the reducer gathers for itself (a fused kernel)
@@ -100,9 +101,9 @@ class ReductionSite(nn.Module):
             pos = torch.cat([pos, pos.new_full((B, self.extra), state.n_ref)], dim=1)
         return out, TokenState(pos=pos, keep=None, n_ref=state.n_ref)
 
-    def _masked(self, prefix: Tensor, patches: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
+    def _masked(self, x: Tensor, prefix: Tensor, patches: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         prev = state.keep if state.keep is not None else patches.new_ones(patches.shape[0], patches.shape[1], 1)
-        log_probs = self.scorer.log_probs(patches, state.keep)  # (B, n, 2)
+        log_probs = self.scorer.log_probs(x if self.scorer.sees_prefix else patches, state.keep)  # (B, n, 2)
         keep = ops.gumbel_keep(log_probs) * prev  # cumulative: a dropped token never returns
         pruned_now = (1.0 - keep) * prev
         patches = MASKED_REDUCERS[self.reducer](patches, keep, pruned_now)
