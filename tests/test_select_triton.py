@@ -7,10 +7,6 @@ CUDA. The split is exact: every test compares for equality.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 
 import hypothesis.strategies as st
 import pytest
@@ -20,19 +16,10 @@ from hypothesis import given, settings
 from tokenreduce.ops import register_device_kernels
 from tokenreduce.ops.select import split_order_reference
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from triton_interp import HAVE_TRITON, INTERPRETING, driver, interp, needs_triton, run_interp_tests
+
 HAVE_CUDA = torch.cuda.is_available()
-
-interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the child pytest of test_kernel_under_triton_interpreter")
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
-
-
-def _triton_version() -> tuple[int, ...]:
-    import triton
-
-    return tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
 
 
 @st.composite
@@ -54,15 +41,9 @@ def scores_and_k(draw, max_n=300):
     return scores, draw(st.integers(1, n))
 
 
-@needs_triton
-@pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter child")
-@pytest.mark.skipif(HAVE_TRITON and _triton_version() < (3, 9), reason="verified with Triton 3.9's interpreter")
+@driver
 def test_kernel_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    run_interp_tests(__file__)
 
 
 # ------------------------------------------------------------ interpreter tests (child only)

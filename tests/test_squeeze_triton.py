@@ -17,24 +17,14 @@ that no near-tied pruned token can reach must also match the oracle's own argmax
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-HAVE_CUDA = torch.cuda.is_available()
+from triton_interp import HAVE_TRITON, INTERPRETING, driver, interp, needs_triton, run_interp_tests
 
-interp = pytest.mark.skipif(
-    not INTERPRETING,
-    reason="runs in the child pytest (TRITON_INTERPRET=1) of test_kernels_under_triton_interpreter",
-)
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+HAVE_CUDA = torch.cuda.is_available()
 
 # Two candidate hosts closer than this in cosine may swap between precisions: their rows are
 # compared with the oracle's own argmax only when no pruned token is torn between them.
@@ -101,27 +91,9 @@ def randn(*shape, seed, dtype=torch.float32, device="cpu"):
 
 
 # ------------------------------------------------------------------- driver (main process)
-def _triton_version() -> tuple[int, ...]:
-    try:
-        import triton
-    except ImportError:
-        return (0,)
-    return tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
-
-
-@needs_triton
-@pytest.mark.skipif(INTERPRETING, reason="already inside the interpreter child")
-@pytest.mark.skipif(
-    _triton_version() < (3, 9),
-    reason="verified with Triton 3.9's interpreter; 3.6's raises 'only 0-dimensional arrays can be "
-    "converted to Python scalars' inside the interpreter (the compiled kernel passes the gpu tests there)",
-)
+@driver
 def test_kernels_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    run_interp_tests(__file__)
 
 
 # ------------------------------------------------------------ interpreter tests (child only)

@@ -80,12 +80,12 @@ class ReductionSite(nn.Module):
         if state is None:
             pos = torch.arange(n, device=x.device).expand(B, n)
             state = TokenState(pos=pos, keep=None, n_ref=n)
+        seen = x if self.scorer.sees_prefix else patches  # what the scorer reads
         if self.training and self.scorer.learned:
-            return self._masked(x, prefix, patches, state)
+            return self._masked(seen, prefix, patches, state)
         keep = keep_count(self.counts, self.ratio, n, state.n_ref)
         if keep == n:  # identity case: keep everything, bit for bit
             return x, state
-        seen = x if self.scorer.sees_prefix else patches
         scores = self.scorer(seen, state.keep, AttnInputs(q, k, scale, probs))  # (B, n)
         kept_idx, pruned_idx = ops.topk_split(scores, keep)  # (B, k), (B, n - k), raster order
         indexed = INDEXED_REDUCERS.get(self.reducer)
@@ -101,9 +101,9 @@ class ReductionSite(nn.Module):
             pos = torch.cat([pos, pos.new_full((B, self.extra), state.n_ref)], dim=1)
         return out, TokenState(pos=pos, keep=None, n_ref=state.n_ref)
 
-    def _masked(self, x: Tensor, prefix: Tensor, patches: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
+    def _masked(self, seen: Tensor, prefix: Tensor, patches: Tensor, state: TokenState) -> tuple[Tensor, TokenState]:
         prev = state.keep if state.keep is not None else patches.new_ones(patches.shape[0], patches.shape[1], 1)
-        log_probs = self.scorer.log_probs(x if self.scorer.sees_prefix else patches, state.keep)  # (B, n, 2)
+        log_probs = self.scorer.log_probs(seen, state.keep)  # (B, n, 2)
         keep = ops.gumbel_keep(log_probs) * prev  # cumulative: a dropped token never returns
         pruned_now = (1.0 - keep) * prev
         patches = MASKED_REDUCERS[self.reducer](patches, keep, pruned_now)

@@ -501,11 +501,10 @@ def _hosts_of(keys: torch.Tensor) -> torch.Tensor:
 
 
 def register_cuda_kernel() -> bool:
-    """Install ``squeeze_triton`` as the CUDA kernel of ``torch.ops.tokenreduce.squeeze``.
+    """Install the Triton kernels as the CUDA kernels of ``tokenreduce::squeeze`` and ``squeeze_tokens``.
 
     Returns True when registered (now or by an earlier call), False when triton or CUDA is
     missing (CPU-only installs: nothing happens, the reference keeps serving every device).
-    Imports ``tokenreduce.ops.squeeze`` lazily, so call it after that module has defined the op.
     """
     global _REGISTERED
     if _REGISTERED:
@@ -516,7 +515,7 @@ def register_cuda_kernel() -> bool:
     if not torch.cuda.is_available():
         logger.debug("tokenreduce: no CUDA device; squeeze stays on the reference kernel")
         return False
-    from tokenreduce.ops.squeeze import register_device_kernels
+    from ._kernels import register_device_kernels
 
     register_device_kernels("cuda", squeeze=_cuda_kernel, squeeze_tokens=_cuda_tokens_kernel)
     _REGISTERED = True
