@@ -110,20 +110,14 @@ SIZES = [
 SIZES += [(2, 80, 70, 130), (1, 150, 140, 20)]  # the last: > 128 pruned and output rows. DeiT-S's (137, 59, 384) is in test_interp_matches_project_reference
 
 
-# The two paths of ``_launch`` (``split``): the two kernels (0), the one-pass kernel with one
-# program per image (1) or three, each doing the host search and every third channel tile (3).
-PATHS = pytest.mark.parametrize("split", [0, 1, 3], ids=["two-kernels", "one-pass", "one-pass-split3"])
-
-
 @interp
-@PATHS
-def test_interp_sizes_fp32(split):
+def test_interp_sizes_fp32():
     from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
 
     for k, (B, Nr, Np, C) in enumerate(SIZES):
         r = randn(B, Nr, C, seed=2 * k)
         p = randn(B, Np, C, seed=2 * k + 1)
-        y, hosts = _squeeze_with_hosts(r, p, split)
+        y, hosts = _squeeze_with_hosts(r, p)
         try:
             check(r, p, y, hosts, rtol=1e-5, atol=1e-6, host_tol=1e-6)
         except AssertionError as err:
@@ -146,8 +140,7 @@ def test_interp_half_precision(dtype):
 
 
 @interp
-@PATHS
-def test_interp_ties_pick_lowest_index(split):
+def test_interp_ties_pick_lowest_index():
     from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
 
     # Small integers: every dot product is exact in any summation order, so duplicated reserved
@@ -158,15 +151,14 @@ def test_interp_ties_pick_lowest_index(split):
     r[:, 70] = r[:, 5]  # exact duplicates in different reserved tiles (BLOCK_R = 64)
     r[:, 9] = r[:, 3]  # and within one tile
     p = torch.stack([2.0 * r[:, 5], 0.5 * r[:, 3], r[:, 70]], dim=1)  # (B, 3, C)
-    y, hosts = _squeeze_with_hosts(r, p, split)
+    y, hosts = _squeeze_with_hosts(r, p)
     assert hosts.tolist() == [[5, 3, 5]] * B
     assert torch.equal(y[:, 70], r[:, 70]) and torch.equal(y[:, 9], r[:, 9])
     check(r, p, y, hosts, rtol=1e-5, atol=1e-6, host_tol=0.0)
 
 
 @interp
-@PATHS
-def test_interp_negative_cosines_order_and_tie(split):
+def test_interp_negative_cosines_order_and_tie():
     # Every cosine negative: the packed host keys must order negative floats correctly and still
     # prefer the lowest index between tiles (rows 10 and 75 tie at the maximum, -0.447).
     from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
@@ -175,7 +167,7 @@ def test_interp_negative_cosines_order_and_tie(split):
     r[0, 3] = torch.tensor([1.0, 0.0])  # -0.894
     r[0, 10] = r[0, 75] = torch.tensor([0.0, 1.0])  # -0.447
     p = torch.tensor([[[-1.0, -0.5]]])
-    y, hosts = _squeeze_with_hosts(r, p, split)
+    y, hosts = _squeeze_with_hosts(r, p)
     assert hosts.tolist() == [[10]]
     check(r, p, y, hosts, rtol=1e-5, atol=1e-6, host_tol=0.0)
 
@@ -250,9 +242,8 @@ INDEXED_SIZES = [(2, 1, 20, 13, 24), (3, 0, 9, 4, 100), (2, 2, 90, 70, 70), (1, 
 
 
 @interp
-@PATHS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_interp_indexed(dtype, split):
+def test_interp_indexed(dtype):
     from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts
 
     tol = dict(rtol=1e-5, atol=1e-6, host_tol=1e-6) if dtype == torch.float32 else \
@@ -260,7 +251,7 @@ def test_interp_indexed(dtype, split):
     for i, (B, P, n, k, C) in enumerate(INDEXED_SIZES):
         x = randn(B, P + n, C, seed=900 + i, dtype=dtype)
         kept, pruned = split_indices(B, n, k, seed=950 + i)
-        y, hosts = _squeeze_tokens_with_hosts(x, kept, pruned, P, split)
+        y, hosts = _squeeze_tokens_with_hosts(x, kept, pruned, P)
         try:
             check_indexed(x, kept, pruned, P, y, hosts, **tol)
         except AssertionError as err:
@@ -279,7 +270,7 @@ def test_interp_merge_other_tilings(one_block):
     B, P, n, k, C = 2, 1, 90, 40, 40
     x = randn(B, P + n, C, seed=41)
     kept, pruned = split_indices(B, n, k, seed=42)
-    y, keys = st._squeeze_tokens_keys(x, kept, pruned, P, split=0)
+    y, keys = st._squeeze_tokens_keys(x, kept, pruned, P)
     Nr, Np = k, n - k
     block_p = st._block_p(Np) if one_block else 16
     for block_r, block_c, row_tiles in ((16, 32, 4), (8, 16, 2)):
@@ -289,30 +280,6 @@ def test_interp_merge_other_tilings(one_block):
             x, x, kept, pruned, keys, y2, Nr, Np, C, P, *x.stride()[:2], *x.stride()[:2], *kept.stride(),
             *pruned.stride(), *y2.stride()[:2], E=math.e, DOT_F32=True, HAS_IDX=True, ONE_P=one_block,
             BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_C=block_c, ROW_TILES=row_tiles)
-        torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
-
-
-@interp
-@pytest.mark.parametrize("one_block", [True, False], ids=["one-pruned-block", "pruned-blocks"])
-def test_interp_one_pass_other_tilings(one_block):
-    # The one-pass kernel's other tilings: several reserved tiles and channel chunks in the host
-    # search, several row and channel tiles in the merge, pruned blocks in both phases.
-    from tokenreduce.ops import squeeze_triton as st
-
-    B, P, n, k, C, split = 2, 1, 90, 40, 40, 2
-    x = randn(B, P + n, C, seed=43)
-    kept, pruned = split_indices(B, n, k, seed=44)
-    y, _ = st._squeeze_tokens_keys(x, kept, pruned, P, split=0)
-    Nr, Np = k, n - k
-    block_p = st._block_p(Np) if one_block else 16
-    for block_r1, block_c1, block_r, block_c in ((16, 16, 16, 16), (32, 64, 8, 32)):
-        y2 = torch.empty_like(y)
-        keys = torch.empty((B, split, Np), dtype=torch.int64)
-        st._squeeze_one_pass_kernel[(B, split)](
-            x, x, kept, pruned, keys, y2, Nr, Np, C, P, split, *x.stride()[:2], *x.stride()[:2], *kept.stride(),
-            *pruned.stride(), *y2.stride()[:2], EPS=1e-6, PRECISION="tf32x3", E=math.e, DOT_F32=True,
-            HAS_IDX=True, ONE_P=one_block, BLOCK_P=block_p, BLOCK_R1=block_r1, BLOCK_C1=block_c1,
-            BLOCK_R=block_r, BLOCK_C=block_c)
         torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
 
 
@@ -404,13 +371,10 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
     precision = "tf32x3" if dtype == "fp32" else "tf32"
     common = dict(HAS_IDX=has_idx, BLOCK_P=64, DOT_F32=False)
     fuse = dict(E=math.e, **common, **st._fuse_tuned.configs[0].kwargs)
-    one_pass = dict(EPS=1e-6, PRECISION=precision, E=math.e, **common, **st._one_pass_tuned.configs[0].kwargs)
-    kernels = [  # the default (first) config of each autotuned kernel; both pruned loops where there are two
+    kernels = [  # the default (first) config of each autotuned kernel; the fuse with both pruned loops
         (st._squeeze_hosts_kernel, dict(EPS=1e-6, PRECISION=precision, **common, **st._hosts_tuned.configs[0].kwargs)),
         (st._squeeze_fuse_kernel, dict(ONE_P=True, **fuse)),
         (st._squeeze_fuse_kernel, dict(ONE_P=False, **fuse)),
-        (st._squeeze_one_pass_kernel, dict(ONE_P=True, **one_pass)),
-        (st._squeeze_one_pass_kernel, dict(ONE_P=False, **one_pass)),
     ]
     for kernel, constexprs in kernels:
         names = kernel.arg_names
@@ -433,20 +397,18 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("size", [(8, 137, 59, 384), (3, 17, 70, 100), (4, 98, 98, 768), (2, 5, 1, 3)])
-@pytest.mark.parametrize("split", [0, 1, None], ids=["two-kernels", "one-pass", "auto"])
-def test_cuda_matches_oracle(dtype, size, split):
+def test_cuda_matches_oracle(dtype, size):
     from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts, squeeze_triton
 
     B, Nr, Np, C = size
     r = randn(B, Nr, C, seed=500, dtype=dtype, device="cuda")
     p = randn(B, Np, C, seed=501, dtype=dtype, device="cuda")
-    y, hosts = _squeeze_with_hosts(r, p, split)
+    y, hosts = _squeeze_with_hosts(r, p)
     if dtype == torch.float32:  # tf32x3 products: close to, not exactly, fp32
         check(r, p, y, hosts, rtol=1e-5, atol=1e-5, host_tol=1e-5)
     else:
         check(r, p, y, hosts, rtol=2**-7, atol=1e-3, host_tol=1e-5)
-    if split is None:
-        assert torch.equal(y, squeeze_triton(r, p)), "kernel is not deterministic"
+    assert torch.equal(y, squeeze_triton(r, p)), "kernel is not deterministic"
 
 
 @pytest.mark.gpu
@@ -488,22 +450,19 @@ def test_cuda_op_dispatches_to_triton_and_passes_opcheck():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("size", [(8, 1, 196, 137, 384), (4, 0, 784, 549, 64), (3, 2, 70, 33, 100),
-                                  (300, 1, 196, 137, 384)])  # the last: more images than programs wanted
-@pytest.mark.parametrize("split", [0, 1, None], ids=["two-kernels", "one-pass", "auto"])
-def test_cuda_indexed_matches_oracle(dtype, size, split):
+@pytest.mark.parametrize("size", [(8, 1, 196, 137, 384), (4, 0, 784, 549, 64), (3, 2, 70, 33, 100)])
+def test_cuda_indexed_matches_oracle(dtype, size):
     from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts, squeeze_tokens_triton
 
     B, P, n, k, C = size
     x = randn(B, P + n, C, seed=510, dtype=dtype, device="cuda")
     kept, pruned = (t.cuda() for t in split_indices(B, n, k, seed=511))
-    y, hosts = _squeeze_tokens_with_hosts(x, kept, pruned, P, split)
+    y, hosts = _squeeze_tokens_with_hosts(x, kept, pruned, P)
     if dtype == torch.float32:
         check_indexed(x, kept, pruned, P, y, hosts, rtol=1e-5, atol=1e-5, host_tol=1e-5)
     else:
         check_indexed(x, kept, pruned, P, y, hosts, rtol=2**-7, atol=1e-3, host_tol=1e-5)
-    if split is None:
-        assert torch.equal(y, squeeze_tokens_triton(x, kept, pruned, P)), "kernel is not deterministic"
+    assert torch.equal(y, squeeze_tokens_triton(x, kept, pruned, P)), "kernel is not deterministic"
 
 
 @pytest.mark.gpu
@@ -529,8 +488,7 @@ def test_cuda_squeeze_tokens_op_dispatches_to_triton_and_passes_opcheck():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 @pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch.library.triton_op: torch >= 2.6")
-@pytest.mark.parametrize("max_pairs", [16, 0], ids=["one-pass", "two-kernels"])
-def test_compiled_site_launches_the_kernels_from_the_graph(max_pairs, monkeypatch):
+def test_compiled_site_launches_the_kernels_from_the_graph():
     # With triton_op, Inductor traces into the operator: the compiled wrapper launches both Triton
     # kernels itself and never calls the operator's Python (its host cost made small models
     # launch-bound).  The result is the eager operator's (Inductor autotunes the block sizes
@@ -538,11 +496,9 @@ def test_compiled_site_launches_the_kernels_from_the_graph(max_pairs, monkeypatc
     from torch._inductor.utils import run_and_get_code
 
     from tokenreduce.ops.squeeze import squeeze_tokens
-    from tokenreduce.ops import squeeze_triton as st
+    from tokenreduce.ops.squeeze_triton import register_cuda_kernel
 
-    assert st.register_cuda_kernel() is True
-    # A batch of 4 small images takes the one-pass kernel; with no tile pairs allowed, the two.
-    monkeypatch.setattr(st, "_ONE_PASS_MAX_PAIRS", max_pairs)
+    assert register_cuda_kernel() is True
     x = randn(4, 1 + 58, 96, seed=720, device="cuda")
     kept, pruned = (t.cuda() for t in split_indices(4, 58, 37, seed=721))
 
@@ -552,10 +508,7 @@ def test_compiled_site_launches_the_kernels_from_the_graph(max_pairs, monkeypatc
     torch._dynamo.reset()
     y, codes = run_and_get_code(torch.compile(site, fullgraph=True), x)
     code = "\n".join(codes)
-    if max_pairs:
-        assert "_squeeze_one_pass_kernel" in code and "_squeeze_hosts_kernel" not in code
-    else:
-        assert "_squeeze_hosts_kernel" in code and "_squeeze_fuse_kernel" in code
+    assert "_squeeze_hosts_kernel" in code and "_squeeze_fuse_kernel" in code
     assert "tokenreduce.squeeze_tokens" not in code, "the compiled graph calls the opaque operator"
     # The input is an unmaterialised product: Inductor must write it once, not once per kernel
     # argument (it did: r and p of both kernels, four copies).

@@ -117,47 +117,6 @@ if _HAVE_TRITON:
         return host, tl.exp(bits.to(tl.float32, bitcast=True))
 
     @triton.jit
-    def _tile_cosines(
-        r_ptr, p_ptr, ridx_ptr, b, rows_p, mask_p, r0, Nr, C, P,
-        s_rb, s_rn, s_pb, s_pn, s_kb, s_kn,
-        EPS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, HAS_IDX: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        """Cosines (BLOCK_P, BLOCK_R) fp32 of the pruned rows ``rows_p`` against reserved tokens
-        r0 .. r0 + BLOCK_R (-inf past Nr): one pass over the channels for the dot products
-        (``tl.dot``, fp32 accumulation) and both sets of squared norms."""
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < Nr
-        rows_r = _rows(ridx_ptr, s_kb, s_kn, b, offs_r, mask_r, P, HAS_IDX)
-        arange_c = tl.arange(0, BLOCK_C)
-        dots = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
-        ssq_p = tl.zeros([BLOCK_P], dtype=tl.float32)
-        ssq_r = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + arange_c
-            mask_c = offs_c < C
-            xp = tl.load(
-                p_ptr + b * s_pb + rows_p[:, None] * s_pn + offs_c[None, :],
-                mask=mask_p[:, None] & mask_c[None, :], other=0.0,
-            )  # (BLOCK_P, BLOCK_C), input dtype
-            xr_t = tl.load(
-                r_ptr + b * s_rb + rows_r[None, :] * s_rn + offs_c[:, None],
-                mask=mask_c[:, None] & mask_r[None, :], other=0.0,
-            )  # (BLOCK_C, BLOCK_R), input dtype: reserved tile, transposed
-            xp_f = xp.to(tl.float32)
-            xr_f = xr_t.to(tl.float32)
-            if DOT_F32:
-                dots = tl.dot(xp_f, xr_f, dots, input_precision=PRECISION)
-            else:
-                dots = tl.dot(xp, xr_t, dots, input_precision=PRECISION)
-            ssq_p += tl.sum(xp_f * xp_f, axis=1)
-            ssq_r += tl.sum(xr_f * xr_f, axis=0)
-        inv_p = 1.0 / (tl.sqrt(ssq_p) + EPS)
-        inv_r = 1.0 / (tl.sqrt(ssq_r) + EPS)
-        cos = dots * inv_p[:, None] * inv_r[None, :]
-        return tl.where(mask_r[None, :], cos, float("-inf"))
-
-    @triton.jit
     def _squeeze_hosts_kernel(
         r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr,
         Nr, Np, C, P,
@@ -173,29 +132,60 @@ if _HAVE_TRITON:
         pid_r = tl.program_id(0)
         pid_p = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
+        r_base = r_ptr + b * s_rb
+        p_base = p_ptr + b * s_pb
+
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
         mask_p = offs_p < Np
         rows_p = _rows(pidx_ptr, s_qb, s_qn, b, offs_p, mask_p, P, HAS_IDX)
         r0 = pid_r * BLOCK_R
-        cos = _tile_cosines(r_ptr, p_ptr, ridx_ptr, b, rows_p, mask_p, r0, Nr, C, P,
-                            s_rb, s_rn, s_pb, s_pn, s_kb, s_kn,
-                            EPS, PRECISION, DOT_F32, HAS_IDX, BLOCK_P, BLOCK_R, BLOCK_C)
+        offs_r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        mask_r = offs_r < Nr
+        rows_r = _rows(ridx_ptr, s_kb, s_kn, b, offs_r, mask_r, P, HAS_IDX)
+        arange_c = tl.arange(0, BLOCK_C)
+
+        # One pass over the channels: the dot products and both sets of squared norms, fp32.
+        dots = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
+        ssq_p = tl.zeros([BLOCK_P], dtype=tl.float32)
+        ssq_r = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + arange_c
+            mask_c = offs_c < C
+            xp = tl.load(
+                p_base + rows_p[:, None] * s_pn + offs_c[None, :],
+                mask=mask_p[:, None] & mask_c[None, :], other=0.0,
+            )  # (BLOCK_P, BLOCK_C), input dtype
+            xr_t = tl.load(
+                r_base + rows_r[None, :] * s_rn + offs_c[:, None],
+                mask=mask_c[:, None] & mask_r[None, :], other=0.0,
+            )  # (BLOCK_C, BLOCK_R), input dtype: reserved tile, transposed
+            xp_f = xp.to(tl.float32)
+            xr_f = xr_t.to(tl.float32)
+            if DOT_F32:
+                dots = tl.dot(xp_f, xr_f, dots, input_precision=PRECISION)
+            else:
+                dots = tl.dot(xp, xr_t, dots, input_precision=PRECISION)
+            ssq_p += tl.sum(xp_f * xp_f, axis=1)
+            ssq_r += tl.sum(xr_f * xr_f, axis=0)
+        inv_p = 1.0 / (tl.sqrt(ssq_p) + EPS)
+        inv_r = 1.0 / (tl.sqrt(ssq_r) + EPS)
+        cos = dots * inv_p[:, None] * inv_r[None, :]  # (BLOCK_P, BLOCK_R)
+        cos = tl.where(mask_r[None, :], cos, float("-inf"))
         tile_max = tl.max(cos, axis=1)
         tile_arg = tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32) + r0
         tl.atomic_max(key_ptr + b * Np + offs_p, _pack_host(tile_max, tile_arg), mask=mask_p)
 
     @triton.jit
-    def _pruned_tile(p_ptr, pidx_ptr, key_row, b, p0, offs_c, mask_c, Np, P,
+    def _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
                      s_pb, s_pn, s_qb, s_qn,
                      HAS_IDX: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Pruned tokens p0 .. p0 + BLOCK_P (their keys at ``key_row``): host (BLOCK_P,) int32
-        (-1 past Np), weight exp(cosine) (BLOCK_P,) fp32, and w * xp over the channel tile (fp32
-        products) as three bfloat16 parts hi + mid + lo (8 + 8 + 8 significant bits: the fp32
-        value)."""
+        """Pruned tokens p0 .. p0 + BLOCK_P: host (BLOCK_P,) int32 (-1 past Np), weight
+        exp(cosine) (BLOCK_P,) fp32, and w * xp over the channel tile (fp32 products) as three
+        bfloat16 parts hi + mid + lo (8 + 8 + 8 significant bits: the fp32 value)."""
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < Np
         rows_p = _rows(pidx_ptr, s_qb, s_qn, b, offs_p, mask_p, P, HAS_IDX)
-        host, w = _unpack_host(tl.load(key_row + offs_p, mask=mask_p, other=0))
+        host, w = _unpack_host(tl.load(key_ptr + b * Np + offs_p, mask=mask_p, other=0))
         host = tl.where(mask_p, host, -1)  # matches no output row
         xp = tl.load(
             p_ptr + b * s_pb + rows_p[:, None] * s_pn + offs_c[None, :],
@@ -224,46 +214,6 @@ if _HAVE_TRITON:
         return tl.dot(match, hi, num), den
 
     @triton.jit
-    def _fuse_rows(
-        r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_row, y_ptr, b, row0, offs_c, mask_c,
-        Nr, Np, P,
-        s_rb, s_rn, s_pb, s_pn, s_kb, s_kn, s_qb, s_qn, s_yb, s_yn,
-        host, w, hi, mid, lo,
-        E: tl.constexpr, DOT_F32: tl.constexpr, HAS_IDX: tl.constexpr, ONE_P: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        """Output rows row0 .. row0 + BLOCK_R over the channel tile: P pass-through rows (source
-        rows 0..P-1), then the Nr reserved ones, each ``(E * xr + num) / (E + den)`` where it
-        hosts something and ``xr`` untouched where not.  ``ONE_P``: every pruned token is the
-        one block ``host, w, hi, mid, lo`` already read; else they are read in blocks here."""
-        offs_o = row0 + tl.arange(0, BLOCK_R)
-        mask_o = offs_o < P + Nr
-        offs_j = offs_o - P  # reserved index; negative on pass-through rows
-        is_res = mask_o & (offs_j >= 0)
-        rows_o = tl.where(is_res, _rows(ridx_ptr, s_kb, s_kn, b, offs_j, is_res, P, HAS_IDX), offs_o)
-        num = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        den = tl.zeros([BLOCK_R], dtype=tl.float32)
-        if ONE_P:
-            num, den = _merge_tile(num, den, offs_j, is_res, host, w, hi, mid, lo)
-        else:
-            for p0 in range(0, Np, BLOCK_P):
-                host_b, w_b, hi_b, mid_b, lo_b = _pruned_tile(
-                    p_ptr, pidx_ptr, key_row, b, p0, offs_c, mask_c, Np, P,
-                    s_pb, s_pn, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
-                num, den = _merge_tile(num, den, offs_j, is_res, host_b, w_b, hi_b, mid_b, lo_b)
-        xr = tl.load(
-            r_ptr + b * s_rb + rows_o[:, None] * s_rn + offs_c[None, :],
-            mask=mask_o[:, None] & mask_c[None, :], other=0.0,
-        )  # (BLOCK_R, BLOCK_C), input dtype
-        y = (E * xr.to(tl.float32) + num) / (E + den[:, None])
-        # Unmatched reserved rows and pass-through rows: the input, untouched (no fp32 round trip).
-        out = tl.where((den > 0.0)[:, None], y.to(xr.dtype), xr)
-        tl.store(
-            y_ptr + b * s_yb + offs_o[:, None] * s_yn + offs_c[None, :],
-            out, mask=mask_o[:, None] & mask_c[None, :],
-        )
-
-    @triton.jit
     def _squeeze_fuse_kernel(
         r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, y_ptr,
         Nr, Np, C, P,
@@ -282,68 +232,40 @@ if _HAVE_TRITON:
         b = tl.program_id(2).to(tl.int64)
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        key_row = key_ptr + b * Np
         if ONE_P:  # every pruned token in one block: read it once, merge it into every row tile
-            host, w, hi, mid, lo = _pruned_tile(p_ptr, pidx_ptr, key_row, b, 0, offs_c, mask_c, Np, P,
+            host, w, hi, mid, lo = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, 0, offs_c, mask_c, Np, P,
                                                 s_pb, s_pn, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
-        else:
-            host, w, hi, mid, lo = 0, 0, 0, 0, 0  # read per row tile
+
+        # Output rows: P pass-through rows (source rows 0..P-1), then the Nr reserved ones.
         row0 = pid_g * ROW_TILES * BLOCK_R
         tiles = tl.minimum(ROW_TILES, tl.cdiv(P + Nr - row0, BLOCK_R))
         for t in range(0, tiles):
-            _fuse_rows(r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_row, y_ptr, b, row0 + t * BLOCK_R, offs_c, mask_c,
-                       Nr, Np, P, s_rb, s_rn, s_pb, s_pn, s_kb, s_kn, s_qb, s_qn, s_yb, s_yn,
-                       host, w, hi, mid, lo, E, DOT_F32, HAS_IDX, ONE_P, BLOCK_R, BLOCK_P, BLOCK_C)
-
-    @triton.jit
-    def _squeeze_one_pass_kernel(
-        r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, y_ptr,
-        Nr, Np, C, P, SPLIT,
-        s_rb, s_rn,
-        s_pb, s_pn,
-        s_kb, s_kn, s_qb, s_qn,
-        s_yb, s_yn,
-        EPS: tl.constexpr,
-        PRECISION: tl.constexpr,
-        E: tl.constexpr,
-        DOT_F32: tl.constexpr,
-        HAS_IDX: tl.constexpr,
-        ONE_P: tl.constexpr,
-        BLOCK_P: tl.constexpr,
-        BLOCK_R1: tl.constexpr, BLOCK_C1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        b = tl.program_id(0).to(tl.int64)
-        s = tl.program_id(1)
-        key_row = key_ptr + (b * SPLIT + s) * Np  # this program's own keys: no other writes them
-        # Phase 1: every pruned token's best host, tile after tile of reserved tokens (the
-        # largest packed key, as the two-kernel path's atomic_max), stored for phase 2.
-        for p0 in range(0, Np, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            mask_p = offs_p < Np
-            rows_p = _rows(pidx_ptr, s_qb, s_qn, b, offs_p, mask_p, P, HAS_IDX)
-            key = tl.full([BLOCK_P], -9223372036854775808, dtype=tl.int64)
-            for r0 in range(0, Nr, BLOCK_R1):
-                cos = _tile_cosines(r_ptr, p_ptr, ridx_ptr, b, rows_p, mask_p, r0, Nr, C, P,
-                                    s_rb, s_rn, s_pb, s_pn, s_kb, s_kn,
-                                    EPS, PRECISION, DOT_F32, HAS_IDX, BLOCK_P, BLOCK_R1, BLOCK_C1)
-                tile_max = tl.max(cos, axis=1)
-                tile_arg = tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32) + r0
-                key = tl.maximum(key, _pack_host(tile_max, tile_arg))
-            tl.store(key_row + offs_p, key, mask=mask_p)
-        tl.debug_barrier()  # the keys are read back by other threads of this program
-        # Phase 2: this program's channel tiles (s, s + SPLIT, ...) of every output row.
-        for c0 in range(s * BLOCK_C, C, SPLIT * BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
+            offs_o = row0 + t * BLOCK_R + tl.arange(0, BLOCK_R)
+            mask_o = offs_o < P + Nr
+            offs_j = offs_o - P  # reserved index; negative on pass-through rows
+            is_res = mask_o & (offs_j >= 0)
+            rows_o = tl.where(is_res, _rows(ridx_ptr, s_kb, s_kn, b, offs_j, is_res, P, HAS_IDX), offs_o)
+            num = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            den = tl.zeros([BLOCK_R], dtype=tl.float32)
             if ONE_P:
-                host, w, hi, mid, lo = _pruned_tile(p_ptr, pidx_ptr, key_row, b, 0, offs_c, mask_c, Np, P,
-                                                    s_pb, s_pn, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
+                num, den = _merge_tile(num, den, offs_j, is_res, host, w, hi, mid, lo)
             else:
-                host, w, hi, mid, lo = 0, 0, 0, 0, 0
-            for row0 in range(0, P + Nr, BLOCK_R):
-                _fuse_rows(r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_row, y_ptr, b, row0, offs_c, mask_c,
-                           Nr, Np, P, s_rb, s_rn, s_pb, s_pn, s_kb, s_kn, s_qb, s_qn, s_yb, s_yn,
-                           host, w, hi, mid, lo, E, DOT_F32, HAS_IDX, ONE_P, BLOCK_R, BLOCK_P, BLOCK_C)
+                for p0 in range(0, Np, BLOCK_P):
+                    host_b, w_b, hi_b, mid_b, lo_b = _pruned_tile(
+                        p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
+                        s_pb, s_pn, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
+                    num, den = _merge_tile(num, den, offs_j, is_res, host_b, w_b, hi_b, mid_b, lo_b)
+            xr = tl.load(
+                r_ptr + b * s_rb + rows_o[:, None] * s_rn + offs_c[None, :],
+                mask=mask_o[:, None] & mask_c[None, :], other=0.0,
+            )  # (BLOCK_R, BLOCK_C), input dtype
+            y = (E * xr.to(tl.float32) + num) / (E + den[:, None])
+            # Unmatched reserved rows and pass-through rows: the input, untouched (no fp32 round trip).
+            out = tl.where((den > 0.0)[:, None], y.to(xr.dtype), xr)
+            tl.store(
+                y_ptr + b * s_yb + offs_o[:, None] * s_yn + offs_c[None, :],
+                out, mask=mask_o[:, None] & mask_c[None, :],
+            )
 
     def _configs(shapes: list[tuple], names: tuple[str, ...]) -> list:
         """Autotuning candidates (block sizes, then warps and stages); one fixed config when
@@ -378,14 +300,6 @@ if _HAVE_TRITON:
     _fuse_tuned = triton.autotune(
         _configs(_FUSE_CONFIGS, ("BLOCK_R", "BLOCK_C", "ROW_TILES")), key=["Nr", "Np", "C", "P", "HAS_IDX"]
     )(_squeeze_fuse_kernel)
-    # The one-pass kernel: (BLOCK_R1, BLOCK_C1) of the host search, (BLOCK_R, BLOCK_C) of the merge.
-    _ONE_PASS_CONFIGS = [  # (BLOCK_R1, BLOCK_C1, BLOCK_R, BLOCK_C, warps, stages)
-        (64, 64, 32, 64, 4, 2),
-    ]
-    _one_pass_tuned = triton.autotune(
-        _configs(_ONE_PASS_CONFIGS, ("BLOCK_R1", "BLOCK_C1", "BLOCK_R", "BLOCK_C")),
-        key=["Nr", "Np", "C", "P", "SPLIT", "HAS_IDX"],
-    )(_squeeze_one_pass_kernel)
 
 _ONE_BLOCK_P = 128  # up to this many pruned tokens per image are one block (read once per program)
 
@@ -453,22 +367,20 @@ def squeeze_triton(reserved: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor
     return _squeeze_keys(reserved, pruned)[0]
 
 
-def _squeeze_with_hosts(reserved: torch.Tensor, pruned: torch.Tensor, split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``squeeze_triton`` plus the host index of every pruned token, (B, Np) int32 (for tests;
-    ``split`` forces a path, see ``_launch``)."""
-    y, keys = _squeeze_keys(reserved, pruned, split=split)
+def _squeeze_with_hosts(reserved: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``squeeze_triton`` plus the host index of every pruned token, (B, Np) int32 (for tests)."""
+    y, keys = _squeeze_keys(reserved, pruned)
     return y, _hosts_of(keys)
 
 
-def _squeeze_keys(reserved: torch.Tensor, pruned: torch.Tensor, traceable: bool = False,
-                  split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _squeeze_keys(reserved: torch.Tensor, pruned: torch.Tensor, traceable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     _validate(reserved, pruned)
     B, Nr, C = reserved.shape
     Np = pruned.shape[1]
     if B == 0 or Nr == 0 or C == 0 or Np == 0:
         return reserved.clone(memory_format=torch.contiguous_format), _no_keys(B, Np, reserved.device)
     _check_runnable(reserved)
-    return _launch(reserved, pruned, None, None, 0, Nr, Np, traceable, split)
+    return _launch(reserved, pruned, None, None, 0, Nr, Np, traceable)
 
 
 def squeeze_tokens_triton(
@@ -480,13 +392,13 @@ def squeeze_tokens_triton(
     return _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix)[0]
 
 
-def _squeeze_tokens_with_hosts(x, kept_idx, pruned_idx, num_prefix, split=None):
+def _squeeze_tokens_with_hosts(x, kept_idx, pruned_idx, num_prefix):
     """``squeeze_tokens_triton`` plus the host index of every pruned token, (B, Np) int32."""
-    y, keys = _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix, split=split)
+    y, keys = _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix)
     return y, _hosts_of(keys)
 
 
-def _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix, traceable=False, split=None):
+def _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix, traceable=False):
     op = "squeeze_tokens_triton"
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"{op}: x must be a (B, P + n, C) float32, bfloat16 or float16 tensor; got "
@@ -505,7 +417,7 @@ def _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix, traceable=False, s
         y = torch.empty((B, num_prefix + Nr, C), device=x.device, dtype=x.dtype)
         return y, _no_keys(B, Np, x.device)
     _check_runnable(x)
-    return _launch(x, x, kept_idx, pruned_idx, num_prefix, Nr, Np, traceable, split)
+    return _launch(x, x, kept_idx, pruned_idx, num_prefix, Nr, Np, traceable)
 
 
 def _launcher(kernel, traceable: bool):
@@ -531,63 +443,29 @@ def _realized(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided(t.shape, t.stride(), t.storage_offset())
 
 
-def _programs_wanted(device: torch.device) -> int:
-    """Programs that fill the device about twice (two per SM on CUDA; 1 in the interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _one_pass_split(B: int, Nr: int, Np: int, C: int, device: torch.device) -> int:
-    """Programs per image of the one-pass kernel, or 0 for the two-kernel path.
-
-    One pass (one launch, no key fill, every row read from L2 after the first time) needs the
-    batch to occupy the device: B images, or up to one program per 64-channel tile each (each
-    program repeats the image's host search, so that is kept for images whose search is small).
-    Large images in small batches (a PVT stage-1 site at batch 1: 49 x 15 tile pairs) take the
-    two-kernel path, which spreads one image's host search over many programs.
-    """
-    wanted = _programs_wanted(device)
-    if B >= wanted:
-        return 1
-    split = min(triton.cdiv(max(C, 1), 64), triton.cdiv(wanted, max(B, 1)))
-    pairs = triton.cdiv(Np, 64) * triton.cdiv(Nr, 64)
-    return split if B * split >= wanted // 2 or pairs <= _ONE_PASS_MAX_PAIRS else 0
-
-
-_ONE_PASS_MAX_PAIRS = 16  # host-search tile pairs per image that one program does in a few us
-
-
-def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False, split=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels; returns (y, packed host keys (B, Np) int64).  Plain: reserved/pruned rows are
+def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both kernels; returns (y, packed host keys (B, Np) int64).  Plain: reserved/pruned rows are
     rows of ``r_src``/``p_src`` (P == 0).  Indexed: they are rows ``P + ridx[b]`` /
-    ``P + pidx[b]``, and rows 0..P-1 pass through.  ``split``: programs per image of the one-pass
-    kernel, 0 for the two kernels, None to choose (``_one_pass_split``)."""
+    ``P + pidx[b]``, and rows 0..P-1 pass through."""
     same = p_src is r_src
     # The kernels read channels at unit stride (vector loads whatever the launcher specialises).
     if r_src.stride(-1) != 1:
         r_src = r_src.contiguous()
     if p_src.stride(-1) != 1:
         p_src = r_src if same else p_src.contiguous()
-    B, _, C = r_src.shape
-    dtype, dev = r_src.dtype, r_src.device
-    if split is None:
-        split = _one_pass_split(B, Nr, Np, C, dev) if Np > 0 and Nr > 0 else 0
-    kernels = (_one_pass_tuned,) if split else (_hosts_tuned, _fuse_tuned)
-    launchers = [_launcher(k, traceable) for k in kernels]
-    if launchers[0][0] is not kernels[0]:  # traced into a graph
+    hosts, hosts_opts = _launcher(_hosts_tuned, traceable)
+    fuse, fuse_opts = _launcher(_fuse_tuned, traceable)
+    if fuse is not _fuse_tuned:  # traced into a graph
         r_src = _realized(r_src)
         p_src = r_src if same else _realized(p_src)
+    B, _, C = r_src.shape
+    dtype, dev = r_src.dtype, r_src.device
+    keys = torch.full((B, Np), torch.iinfo(torch.int64).min, device=dev, dtype=torch.int64)
     y = torch.empty((B, P + Nr, C), device=dev, dtype=dtype)
-    if split:  # every key is written by its program before it is read: no fill
-        keys = torch.empty((B, split, Np), device=dev, dtype=torch.int64)
-    else:
-        keys = torch.full((B, Np), torch.iinfo(torch.int64).min, device=dev, dtype=torch.int64)
     has_idx = ridx is not None
     if not has_idx:  # unused pointers and strides
         ridx = pidx = keys
     idx_strides = (*ridx.stride(), *pidx.stride()) if has_idx else (0, 0, 0, 0)
-    strides = (*r_src.stride()[:2], *p_src.stride()[:2], *idx_strides)
     block_p = _block_p(Np)
     # DOT_F32: the interpreter multiplies bf16 tiles as their raw uint16 storage, so there every
     # dot operand is upcast (bf16 x bf16 products are exact in fp32: the same arithmetic).
@@ -595,22 +473,18 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False, split=None) ->
     # Triton launches on the current device; make it the inputs' one.
     guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with guard:
-        if split:
-            (one_pass, opts), = launchers
-            one_pass[(B, split)](
-                r_src, p_src, ridx, pidx, keys, y, Nr, Np, C, P, split, *strides, *y.stride()[:2],
-                EPS=_EPS, PRECISION=_precision(dtype), E=math.e, ONE_P=block_p >= Np, **common, **opts,
-            )
-            return y, keys[:, 0]
-        (hosts, hosts_opts), (fuse, fuse_opts) = launchers
         if Np > 0 and Nr > 0:
             hosts[lambda meta: (triton.cdiv(Nr, meta["BLOCK_R"]), triton.cdiv(Np, block_p), B)](
-                r_src, p_src, ridx, pidx, keys, Nr, Np, C, P, *strides,
+                r_src, p_src, ridx, pidx, keys,
+                Nr, Np, C, P,
+                *r_src.stride()[:2], *p_src.stride()[:2], *idx_strides,
                 EPS=_EPS, PRECISION=_precision(dtype), **common, **hosts_opts,
             )
         rows = P + Nr
         fuse[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]), B)](
-            r_src, p_src, ridx, pidx, keys, y, Nr, Np, C, P, *strides, *y.stride()[:2],
+            r_src, p_src, ridx, pidx, keys, y,
+            Nr, Np, C, P,
+            *r_src.stride()[:2], *p_src.stride()[:2], *idx_strides, *y.stride()[:2],
             E=math.e, ONE_P=block_p >= Np, **common, **fuse_opts,
         )
     return y, keys
