@@ -109,11 +109,11 @@ def short_error(err: BaseException) -> str:
 
 
 def autotune_timings() -> dict:
-    """The Triton squeeze's last autotuning: each config's time (ms) for both kernels."""
+    """The Triton squeeze's last autotuning: each config's time (ms) for each kernel."""
     from tokenreduce.ops import squeeze_triton as st
 
     out = {}
-    for name, tuner in (("hosts", st._hosts_tuned), ("fuse", st._fuse_tuned)):
+    for name, tuner in (("hosts", st._hosts_tuned), ("fuse", st._fuse_tuned), ("update", st._update_tuned)):
         timings = getattr(tuner, "configs_timings", None) or {}
         out[name] = {f"{c.kwargs} w{c.num_warps} s{c.num_stages}": round(float(t[0] if isinstance(t, (list, tuple)) else t), 4)
                      for c, t in timings.items()}

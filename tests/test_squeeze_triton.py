@@ -107,7 +107,9 @@ SIZES = [
 ]
 # Several tiles along every loop: Nr > 64 (reserved tiles), C > 64 (channel chunks and channel
 # grid); Np > 128 (the fuse kernel's loop over pruned blocks) and P + Nr > 128 (row groups).
-SIZES += [(2, 80, 70, 130), (1, 150, 140, 20)]  # the last: > 128 pruned and output rows. DeiT-S's (137, 59, 384) is in test_interp_matches_project_reference
+# > 128 pruned tokens: fewer than reserved (the update kernel), then more (the fuse kernel's loop over
+# pruned blocks).  DeiT-S's (137, 59, 384) is in test_interp_matches_project_reference.
+SIZES += [(2, 80, 70, 130), (1, 150, 140, 20), (1, 100, 140, 20)]
 
 
 @interp
@@ -238,7 +240,8 @@ def check_indexed(x, kept, pruned, P, y, hosts, **tol):
 
 
 INDEXED_SIZES = [(2, 1, 20, 13, 24), (3, 0, 9, 4, 100), (2, 2, 90, 70, 70), (1, 1, 5, 5, 8), (2, 1, 66, 1, 16),
-                 (1, 1, 300, 140, 20)]  # > 128 pruned (blocks of 64) and output rows (two row groups)
+                 (1, 1, 300, 140, 20),  # > 128 pruned (the fuse kernel's blocks of 64) and output rows
+                 (1, 1, 300, 160, 20)]  # 128 < Np < Nr: the update kernel
 
 
 @interp
@@ -261,8 +264,8 @@ def test_interp_indexed(dtype):
 @interp
 @pytest.mark.parametrize("one_block", [True, False], ids=["one-pruned-block", "pruned-blocks"])
 def test_interp_merge_other_tilings(one_block):
-    # The interpreter runs each kernel's first config only; the merge's other tilings (several
-    # row tiles per program, the loop over pruned blocks) must give the same rows.
+    # The interpreter runs each kernel's first config only; the other tilings of both merges
+    # (several row tiles per program; pruned blocks of other sizes) must give the same rows.
     import triton
 
     from tokenreduce.ops import squeeze_triton as st
@@ -272,14 +275,20 @@ def test_interp_merge_other_tilings(one_block):
     kept, pruned = split_indices(B, n, k, seed=42)
     y, keys = st._squeeze_tokens_keys(x, kept, pruned, P)
     Nr, Np = k, n - k
-    block_p = st._block_p(Np) if one_block else 16
+    args = (x, x, kept, pruned, keys)
+    sizes = (Nr, Np, C, P, *x.stride()[:2], *x.stride()[:2], *kept.stride(), *pruned.stride())
     for block_r, block_c, row_tiles in ((16, 32, 4), (8, 16, 2)):
         y2 = torch.empty_like(y)
         grid = (triton.cdiv(C, block_c), triton.cdiv(P + Nr, block_r * row_tiles), B)
-        st._squeeze_fuse_kernel[grid](
-            x, x, kept, pruned, keys, y2, Nr, Np, C, P, *x.stride()[:2], *x.stride()[:2], *kept.stride(),
-            *pruned.stride(), *y2.stride()[:2], E=math.e, DOT_F32=True, HAS_IDX=True, ONE_P=one_block,
-            BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_C=block_c, ROW_TILES=row_tiles)
+        st._squeeze_fuse_kernel[grid](*args, y2, *sizes, *y2.stride()[:2], E=math.e, DOT_F32=True, HAS_IDX=True,
+                                      ONE_P=one_block, BLOCK_R=block_r, BLOCK_P=st._block_p(Np) if one_block else 16,
+                                      BLOCK_C=block_c, ROW_TILES=row_tiles)
+        torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
+    for block_r, block_c, block_p in ((16, 32, 16), (8, 16, 64)) if one_block else ((32, 64, 32),):
+        y2 = torch.empty_like(y)
+        st._squeeze_update_kernel[(triton.cdiv(C, block_c), B)](
+            *args, y2, *sizes, *y2.stride()[:2], E=math.e, DOT_F32=True, HAS_IDX=True,
+            BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_C=block_c)
         torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
 
 
@@ -356,7 +365,7 @@ def test_register_is_a_noop_without_cuda():
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("has_idx", [False, True], ids=["plain", "indexed"])
 def test_kernels_compile_for_hopper(dtype, has_idx):
-    """Ahead-of-time compile both kernels to sm_90 (PTX + ptxas), no GPU needed: catches what the
+    """Ahead-of-time compile the three kernels to sm_90 (PTX + ptxas), no GPU needed: catches what the
     interpreter cannot (tl.dot shape and dtype rules, MMA lowering of tf32x3 and 16-bit tiles)."""
     triton = pytest.importorskip("triton")
     try:
@@ -370,11 +379,11 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
                 "ridx_ptr": "*i64", "pidx_ptr": "*i64", "key_ptr": "*i64"}
     precision = "tf32x3" if dtype == "fp32" else "tf32"
     common = dict(HAS_IDX=has_idx, BLOCK_P=64, DOT_F32=False)
-    fuse = dict(E=math.e, **common, **st._fuse_tuned.configs[0].kwargs)
-    kernels = [  # the default (first) config of each autotuned kernel; the fuse with both pruned loops
+    kernels = [  # the default (first) config of each autotuned kernel
         (st._squeeze_hosts_kernel, dict(EPS=1e-6, PRECISION=precision, **common, **st._hosts_tuned.configs[0].kwargs)),
-        (st._squeeze_fuse_kernel, dict(ONE_P=True, **fuse)),
-        (st._squeeze_fuse_kernel, dict(ONE_P=False, **fuse)),
+        (st._squeeze_fuse_kernel, dict(E=math.e, ONE_P=True, **common, **st._fuse_tuned.configs[0].kwargs)),
+        (st._squeeze_fuse_kernel, dict(E=math.e, ONE_P=False, **common, **st._fuse_tuned.configs[0].kwargs)),
+        (st._squeeze_update_kernel, dict(E=math.e, **common, **st._update_tuned.configs[0].kwargs)),
     ]
     for kernel, constexprs in kernels:
         names = kernel.arg_names
@@ -396,7 +405,8 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("size", [(8, 137, 59, 384), (3, 17, 70, 100), (4, 98, 98, 768), (2, 5, 1, 3)])
+@pytest.mark.parametrize("size", [(8, 137, 59, 384), (3, 17, 70, 100), (4, 98, 98, 768), (2, 5, 1, 3),
+                                  (3, 300, 200, 96), (3, 150, 200, 96)])  # 128 < Np: the update kernel, the fuse's loop
 def test_cuda_matches_oracle(dtype, size):
     from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts, squeeze_triton
 
@@ -488,7 +498,8 @@ def test_cuda_squeeze_tokens_op_dispatches_to_triton_and_passes_opcheck():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 @pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch.library.triton_op: torch >= 2.6")
-def test_compiled_site_launches_the_kernels_from_the_graph():
+@pytest.mark.parametrize("n, k, merge", [(58, 37, "_squeeze_fuse_kernel"), (400, 250, "_squeeze_update_kernel")])
+def test_compiled_site_launches_the_kernels_from_the_graph(n, k, merge):
     # With triton_op, Inductor traces into the operator: the compiled wrapper launches both Triton
     # kernels itself and never calls the operator's Python (its host cost made small models
     # launch-bound).  The result is the eager operator's (Inductor autotunes the block sizes
@@ -499,8 +510,8 @@ def test_compiled_site_launches_the_kernels_from_the_graph():
     from tokenreduce.ops.squeeze_triton import register_cuda_kernel
 
     assert register_cuda_kernel() is True
-    x = randn(4, 1 + 58, 96, seed=720, device="cuda")
-    kept, pruned = (t.cuda() for t in split_indices(4, 58, 37, seed=721))
+    x = randn(4, 1 + n, 96, seed=720, device="cuda")
+    kept, pruned = (t.cuda() for t in split_indices(4, n, k, seed=721))
 
     def site(x):
         return squeeze_tokens(x * 2.0, kept, pruned, 1) + 1.0  # neighbours for Inductor to fuse
@@ -508,11 +519,11 @@ def test_compiled_site_launches_the_kernels_from_the_graph():
     torch._dynamo.reset()
     y, codes = run_and_get_code(torch.compile(site, fullgraph=True), x)
     code = "\n".join(codes)
-    assert "_squeeze_hosts_kernel" in code and "_squeeze_fuse_kernel" in code
+    assert "_squeeze_hosts_kernel" in code and merge in code
     assert "tokenreduce.squeeze_tokens" not in code, "the compiled graph calls the opaque operator"
     # The input is an unmaterialised product: Inductor must write it once, not once per kernel
     # argument (it did: r and p of both kernels, four copies).
-    assert code.count("empty_strided_cuda((4, 59, 96)") == 1, "the site's input is written more than once"
+    assert code.count(f"empty_strided_cuda((4, {1 + n}, 96)") == 1, "the site's input is written more than once"
     torch.testing.assert_close(y, squeeze_tokens(x * 2.0, kept, pruned, 1) + 1.0, rtol=1e-5, atol=1e-5)
 
 

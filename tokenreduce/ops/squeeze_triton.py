@@ -24,11 +24,19 @@ and nothing of size (B, Nr, C) besides the output; the result is deterministic:
         w = exp(c_max) from the keys; more are looped over in blocks of 64.  Per row tile:
         num = M @ (w * xp) with the 0/1 match matrix M[j, i] = [h(i) == j] of shape
         (BLOCK_R, BLOCK_P) (``tl.dot``), den = sum of the chosen w; writes
-        y = where(den > 0, (e * xr + num) / (e + den), xr) in the input dtype.
+        y = where(den > 0, (e * xr + num) / (e + den), xr) in the input dtype.  Work: Nr x Np.
+    _squeeze_update_kernel  grid (cdiv(C, BLOCK_C), B)
+        the merge instead when 128 < Np < Nr (PVT-Tiny's stage-2 site at keep 0.7, Np 235 and
+        Nr 549: 242 us per batch against 520 in the fuse kernel's loop over pruned blocks).  One
+        program per (channel tile, image): it copies every output row, then rewrites each
+        pruned token's host row from the token's whole group, S[i, i'] = [h(i) == h(i')]:
+        num_i = S @ (w * xp), den_i = S @ w, in blocks of 64 pruned tokens.  Work: Np x Np.
+        Tokens of one group write the same values to the same row.
 
-The merge's block sizes (BLOCK_R, BLOCK_C, ROW_TILES), warps and stages are autotuned per
-(sizes, dtype) on the first call from a short list (``_FUSE_CONFIGS``); the host search has one
-config (``_HOSTS_CONFIGS``, see there why); BLOCK_P follows Np (``_block_p``).
+The merges' block sizes, warps and stages are autotuned per (sizes, dtype) on the first call from
+short lists (``_FUSE_CONFIGS``, ``_UPDATE_CONFIGS``); the host search has one config
+(``_HOSTS_CONFIGS``, see there why); BLOCK_P follows Np (``_block_p``).  The three kernels'
+tilings are timed by ``benchmarks/squeeze_kernels.py``.
 
 Precision: every sum is in fp32.  The similarity is a tensor-core product with fp32
 accumulation: exact products for bf16 / fp16 inputs, ``input_precision="tf32x3"`` for fp32
@@ -267,6 +275,54 @@ if _HAVE_TRITON:
                 out, mask=mask_o[:, None] & mask_c[None, :],
             )
 
+    @triton.jit
+    def _squeeze_update_kernel(
+        r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, y_ptr,
+        Nr, Np, C, P,
+        s_rb, s_rn,
+        s_pb, s_pn,
+        s_kb, s_kn, s_qb, s_qn,
+        s_yb, s_yn,
+        E: tl.constexpr,
+        DOT_F32: tl.constexpr,
+        HAS_IDX: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        pid_c = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        # 1. Every output row copied from its source: P pass-through rows, then the Nr reserved.
+        for row0 in range(0, P + Nr, BLOCK_R):
+            offs_o = row0 + tl.arange(0, BLOCK_R)
+            mask_o = offs_o < P + Nr
+            offs_j = offs_o - P
+            is_res = mask_o & (offs_j >= 0)
+            rows_o = tl.where(is_res, _rows(ridx_ptr, s_kb, s_kn, b, offs_j, is_res, P, HAS_IDX), offs_o)
+            mask = mask_o[:, None] & mask_c[None, :]
+            xr = tl.load(r_ptr + b * s_rb + rows_o[:, None] * s_rn + offs_c[None, :], mask=mask, other=0.0)
+            tl.store(y_ptr + b * s_yb + offs_o[:, None] * s_yn + offs_c[None, :], xr, mask=mask)
+        tl.debug_barrier()  # the host rows below overwrite copies that other threads stored
+        # 2. The host row of each pruned token, from its whole group: pruned tokens i and i' are
+        # in one group when they share a host, so num_i = S @ (w * xp), den_i = S @ w for the
+        # 0/1 matrix S[i, i'] = [host_i == host_i'].  Tokens of one group write the same values.
+        for p0 in range(0, Np, BLOCK_P):
+            host, w, _, _, _ = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
+                                            s_pb, s_pn, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
+            valid = host >= 0
+            num = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+            den = tl.zeros([BLOCK_P], dtype=tl.float32)
+            for q0 in range(0, Np, BLOCK_P):
+                host_q, w_q, hi_q, mid_q, lo_q = _pruned_tile(
+                    p_ptr, pidx_ptr, key_ptr, b, q0, offs_c, mask_c, Np, P,
+                    s_pb, s_pn, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
+                num, den = _merge_tile(num, den, host, valid, host_q, w_q, hi_q, mid_q, lo_q)
+            rows_h = _rows(ridx_ptr, s_kb, s_kn, b, host, valid, P, HAS_IDX)
+            mask = valid[:, None] & mask_c[None, :]
+            xr = tl.load(r_ptr + b * s_rb + rows_h[:, None] * s_rn + offs_c[None, :], mask=mask, other=0.0)
+            y = (E * xr.to(tl.float32) + num) / (E + den[:, None])
+            tl.store(y_ptr + b * s_yb + (P + host)[:, None] * s_yn + offs_c[None, :], y.to(xr.dtype), mask=mask)
+
     def _configs(shapes: list[tuple], names: tuple[str, ...]) -> list:
         """Autotuning candidates (block sizes, then warps and stages); one fixed config when
         interpreting (each interpreted launch is slow, and timing it means nothing)."""
@@ -291,6 +347,11 @@ if _HAVE_TRITON:
     _FUSE_CONFIGS = [  # (BLOCK_R, BLOCK_C, ROW_TILES, warps, stages)
         (32, 64, 1, 4, 2), (32, 32, 1, 4, 2), (16, 64, 1, 4, 2), (32, 128, 1, 4, 2),
     ]
+    # The update: both won at PVT-Tiny's stage-2 site (fp32, Np 235, C 128) on an H200 (239 and
+    # 240 us, against 482 us for the fuse kernel's loop over pruned blocks; squeeze_kernels.py).
+    _UPDATE_CONFIGS = [  # (BLOCK_R, BLOCK_C, warps, stages)
+        (32, 64, 4, 2), (32, 128, 8, 2),
+    ]
     # Tuned per problem size and dtype (Triton adds the tensor dtypes to the key).
     _hosts_tuned = triton.autotune(
         _configs(_HOSTS_CONFIGS, ("BLOCK_R", "BLOCK_C")), key=["Nr", "Np", "C", "HAS_IDX"],
@@ -300,6 +361,9 @@ if _HAVE_TRITON:
     _fuse_tuned = triton.autotune(
         _configs(_FUSE_CONFIGS, ("BLOCK_R", "BLOCK_C", "ROW_TILES")), key=["Nr", "Np", "C", "P", "HAS_IDX"]
     )(_squeeze_fuse_kernel)
+    _update_tuned = triton.autotune(
+        _configs(_UPDATE_CONFIGS, ("BLOCK_R", "BLOCK_C")), key=["Nr", "Np", "C", "P", "HAS_IDX"]
+    )(_squeeze_update_kernel)
 
 _ONE_BLOCK_P = 128  # up to this many pruned tokens per image are one block (read once per program)
 
@@ -444,18 +508,20 @@ def _realized(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both kernels; returns (y, packed host keys (B, Np) int64).  Plain: reserved/pruned rows are
-    rows of ``r_src``/``p_src`` (P == 0).  Indexed: they are rows ``P + ridx[b]`` /
-    ``P + pidx[b]``, and rows 0..P-1 pass through."""
+    """The host search, then one merge kernel; returns (y, packed host keys (B, Np) int64).
+    Plain: reserved/pruned rows are rows of ``r_src``/``p_src`` (P == 0).  Indexed: they are rows
+    ``P + ridx[b]`` / ``P + pidx[b]``, and rows 0..P-1 pass through.  The merge is the fuse
+    kernel, or the update kernel when 128 < Np < Nr."""
     same = p_src is r_src
     # The kernels read channels at unit stride (vector loads whatever the launcher specialises).
     if r_src.stride(-1) != 1:
         r_src = r_src.contiguous()
     if p_src.stride(-1) != 1:
         p_src = r_src if same else p_src.contiguous()
+    update = _ONE_BLOCK_P < Np < Nr  # the merge whose work (Np x Np, not Nr x Np) is smaller
     hosts, hosts_opts = _launcher(_hosts_tuned, traceable)
-    fuse, fuse_opts = _launcher(_fuse_tuned, traceable)
-    if fuse is not _fuse_tuned:  # traced into a graph
+    merge, merge_opts = _launcher(_update_tuned if update else _fuse_tuned, traceable)
+    if hosts is not _hosts_tuned:  # traced into a graph
         r_src = _realized(r_src)
         p_src = r_src if same else _realized(p_src)
     B, _, C = r_src.shape
@@ -466,6 +532,7 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
     if not has_idx:  # unused pointers and strides
         ridx = pidx = keys
     idx_strides = (*ridx.stride(), *pidx.stride()) if has_idx else (0, 0, 0, 0)
+    strides = (*r_src.stride()[:2], *p_src.stride()[:2], *idx_strides)
     block_p = _block_p(Np)
     # DOT_F32: the interpreter multiplies bf16 tiles as their raw uint16 storage, so there every
     # dot operand is upcast (bf16 x bf16 products are exact in fp32: the same arithmetic).
@@ -475,18 +542,20 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
     with guard:
         if Np > 0 and Nr > 0:
             hosts[lambda meta: (triton.cdiv(Nr, meta["BLOCK_R"]), triton.cdiv(Np, block_p), B)](
-                r_src, p_src, ridx, pidx, keys,
-                Nr, Np, C, P,
-                *r_src.stride()[:2], *p_src.stride()[:2], *idx_strides,
+                r_src, p_src, ridx, pidx, keys, Nr, Np, C, P, *strides,
                 EPS=_EPS, PRECISION=_precision(dtype), **common, **hosts_opts,
             )
         rows = P + Nr
-        fuse[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]), B)](
-            r_src, p_src, ridx, pidx, keys, y,
-            Nr, Np, C, P,
-            *r_src.stride()[:2], *p_src.stride()[:2], *idx_strides, *y.stride()[:2],
-            E=math.e, ONE_P=block_p >= Np, **common, **fuse_opts,
-        )
+        if update:
+            merge[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), B)](
+                r_src, p_src, ridx, pidx, keys, y, Nr, Np, C, P, *strides, *y.stride()[:2],
+                E=math.e, **common, **merge_opts,
+            )
+        else:
+            merge[lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]), B)](
+                r_src, p_src, ridx, pidx, keys, y, Nr, Np, C, P, *strides, *y.stride()[:2],
+                E=math.e, ONE_P=block_p >= Np, **common, **merge_opts,
+            )
     return y, keys
 
 
