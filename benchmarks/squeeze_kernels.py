@@ -116,7 +116,7 @@ def main() -> int:
                     row["differs"].append(["update", cfg])
                 row["update"][str(cfg)] = bench(lambda: update(x, kept, pruned, P, ref_keys, y, cfg))
             rows.append(row)
-            h0 = row["hosts"][str((st._block_p(Np), *st._HOSTS_CONFIGS[0]))] if str((st._block_p(Np), *st._HOSTS_CONFIGS[0])) in row["hosts"] else math.nan
+            h0 = row["hosts"].get(str((st._block_p(Np), *st._HOSTS_CONFIGS[0])), math.nan)
             f0 = row["fuse"].get(str(tuple(st._FUSE_CONFIGS[0])), math.nan)
             hb = min(row["hosts"].items(), key=lambda kv: kv[1])
             fb = min(row["fuse"].items(), key=lambda kv: kv[1], default=("-", math.nan))

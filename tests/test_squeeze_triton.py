@@ -4,7 +4,7 @@ Four groups:
   * interpreter tests (CPU): Triton's interpreter must be switched on before triton is
     imported, so ``test_kernels_under_triton_interpreter`` runs this file's ``interp_`` tests in
     a child pytest with ``TRITON_INTERPRET=1``.  In the main process they are skipped.
-  * ahead-of-time compilation of both kernels for sm_90 (no GPU needed).
+  * ahead-of-time compilation of the three kernels for sm_90 (no GPU needed).
   * plain tests (no triton needed): argument validation and the CPU-only registration no-op.
   * ``gpu`` tests: the compiled kernels on CUDA against the oracle and the project reference,
     dispatch through ``torch.ops.tokenreduce.squeeze`` and ``torch.library.opcheck``.
@@ -522,7 +522,7 @@ def test_compiled_site_launches_the_kernels_from_the_graph(n, k, merge):
     assert "_squeeze_hosts_kernel" in code and merge in code
     assert "tokenreduce.squeeze_tokens" not in code, "the compiled graph calls the opaque operator"
     # The input is an unmaterialised product: Inductor must write it once, not once per kernel
-    # argument (it did: r and p of both kernels, four copies).
+    # argument (it did: r and p of both launches, four copies).
     assert code.count(f"empty_strided_cuda((4, {1 + n}, 96)") == 1, "the site's input is written more than once"
     torch.testing.assert_close(y, squeeze_tokens(x * 2.0, kept, pruned, 1) + 1.0, rtol=1e-5, atol=1e-5)
 

@@ -184,17 +184,36 @@ if _HAVE_TRITON:
         tl.atomic_max(key_ptr + b * Np + offs_p, _pack_host(tile_max, tile_arg), mask=mask_p)
 
     @triton.jit
+    def _block_hosts(key_ptr, b, p0, Np, BLOCK_P: tl.constexpr):
+        """Pruned tokens p0 .. p0 + BLOCK_P: host (BLOCK_P,) int32 (-1 past Np, matching no row)
+        and weight exp(cosine) (BLOCK_P,) fp32, from their keys."""
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < Np
+        host, w = _unpack_host(tl.load(key_ptr + b * Np + offs_p, mask=mask_p, other=0))
+        return tl.where(mask_p, host, -1), w
+
+    @triton.jit
+    def _out_rows(ridx_ptr, s_kb, s_kn, b, row0, Nr, P, HAS_IDX: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Output rows row0 .. row0 + BLOCK_R (P pass-through rows, then the Nr reserved ones):
+        (row, in range, reserved index (negative on pass-through rows), is reserved, source row)."""
+        offs_o = row0 + tl.arange(0, BLOCK_R)
+        mask_o = offs_o < P + Nr
+        offs_j = offs_o - P
+        is_res = mask_o & (offs_j >= 0)
+        rows_o = tl.where(is_res, _rows(ridx_ptr, s_kb, s_kn, b, offs_j, is_res, P, HAS_IDX), offs_o)
+        return offs_o, mask_o, offs_j, is_res, rows_o
+
+    @triton.jit
     def _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
                      s_pb, s_pn, s_qb, s_qn,
                      HAS_IDX: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Pruned tokens p0 .. p0 + BLOCK_P: host (BLOCK_P,) int32 (-1 past Np), weight
-        exp(cosine) (BLOCK_P,) fp32, and w * xp over the channel tile (fp32 products) as three
-        bfloat16 parts hi + mid + lo (8 + 8 + 8 significant bits: the fp32 value)."""
+        """Pruned tokens p0 .. p0 + BLOCK_P: ``_block_hosts``'s host and weight, and w * xp over
+        the channel tile (fp32 products) as three bfloat16 parts hi + mid + lo (8 + 8 + 8
+        significant bits: the fp32 value)."""
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < Np
         rows_p = _rows(pidx_ptr, s_qb, s_qn, b, offs_p, mask_p, P, HAS_IDX)
-        host, w = _unpack_host(tl.load(key_ptr + b * Np + offs_p, mask=mask_p, other=0))
-        host = tl.where(mask_p, host, -1)  # matches no output row
+        host, w = _block_hosts(key_ptr, b, p0, Np, BLOCK_P)
         xp = tl.load(
             p_ptr + b * s_pb + rows_p[:, None] * s_pn + offs_c[None, :],
             mask=mask_p[:, None] & mask_c[None, :], other=0.0,
@@ -244,15 +263,11 @@ if _HAVE_TRITON:
             host, w, hi, mid, lo = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, 0, offs_c, mask_c, Np, P,
                                                 s_pb, s_pn, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
 
-        # Output rows: P pass-through rows (source rows 0..P-1), then the Nr reserved ones.
         row0 = pid_g * ROW_TILES * BLOCK_R
         tiles = tl.minimum(ROW_TILES, tl.cdiv(P + Nr - row0, BLOCK_R))
         for t in range(0, tiles):
-            offs_o = row0 + t * BLOCK_R + tl.arange(0, BLOCK_R)
-            mask_o = offs_o < P + Nr
-            offs_j = offs_o - P  # reserved index; negative on pass-through rows
-            is_res = mask_o & (offs_j >= 0)
-            rows_o = tl.where(is_res, _rows(ridx_ptr, s_kb, s_kn, b, offs_j, is_res, P, HAS_IDX), offs_o)
+            offs_o, mask_o, offs_j, is_res, rows_o = _out_rows(ridx_ptr, s_kb, s_kn, b, row0 + t * BLOCK_R,
+                                                               Nr, P, HAS_IDX, BLOCK_R)
             num = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
             den = tl.zeros([BLOCK_R], dtype=tl.float32)
             if ONE_P:
@@ -294,11 +309,7 @@ if _HAVE_TRITON:
         mask_c = offs_c < C
         # 1. Every output row copied from its source: P pass-through rows, then the Nr reserved.
         for row0 in range(0, P + Nr, BLOCK_R):
-            offs_o = row0 + tl.arange(0, BLOCK_R)
-            mask_o = offs_o < P + Nr
-            offs_j = offs_o - P
-            is_res = mask_o & (offs_j >= 0)
-            rows_o = tl.where(is_res, _rows(ridx_ptr, s_kb, s_kn, b, offs_j, is_res, P, HAS_IDX), offs_o)
+            offs_o, mask_o, _, _, rows_o = _out_rows(ridx_ptr, s_kb, s_kn, b, row0, Nr, P, HAS_IDX, BLOCK_R)
             mask = mask_o[:, None] & mask_c[None, :]
             xr = tl.load(r_ptr + b * s_rb + rows_o[:, None] * s_rn + offs_c[None, :], mask=mask, other=0.0)
             tl.store(y_ptr + b * s_yb + offs_o[:, None] * s_yn + offs_c[None, :], xr, mask=mask)
@@ -307,8 +318,7 @@ if _HAVE_TRITON:
         # in one group when they share a host, so num_i = S @ (w * xp), den_i = S @ w for the
         # 0/1 matrix S[i, i'] = [host_i == host_i'].  Tokens of one group write the same values.
         for p0 in range(0, Np, BLOCK_P):
-            host, w, _, _, _ = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
-                                            s_pb, s_pn, s_qb, s_qn, HAS_IDX, DOT_F32, BLOCK_P)
+            host, _ = _block_hosts(key_ptr, b, p0, Np, BLOCK_P)  # the rows to rewrite
             valid = host >= 0
             num = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
             den = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -450,7 +460,7 @@ def _squeeze_keys(reserved: torch.Tensor, pruned: torch.Tensor, traceable: bool 
 def squeeze_tokens_triton(
     x: torch.Tensor, kept_idx: torch.Tensor, pruned_idx: torch.Tensor, num_prefix: int
 ) -> torch.Tensor:
-    """``squeeze_tokens`` (see ``ops.squeeze``) as the same two kernels, reading kept and pruned
+    """``squeeze_tokens`` (see ``ops.squeeze``) as the same two launches, reading kept and pruned
     rows of ``x`` (B, P + n, C) through the int64 indices (B, k), (B, n - k) into ``x[:, P:]``
     and writing the (B, P + k, C) result, pass-through rows included.  Forward only."""
     return _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix)[0]
@@ -501,7 +511,7 @@ def _realized(t: torch.Tensor) -> torch.Tensor:
 
     Inductor fixes the strides of a user Triton kernel's tensor arguments, and an argument that
     is still an unmaterialised computation (the residual sum before a site) it copies, once per
-    argument: DeiT-S eTPS wrote that sum four times per site (r and p of both kernels,
+    argument: DeiT-S eTPS wrote that sum four times per site (r and p of both launches,
     250 us per batch on an H200).  ``as_strided`` makes Inductor materialise it once, in place.
     """
     return t.as_strided(t.shape, t.stride(), t.storage_offset())
