@@ -167,20 +167,19 @@ def test_kernels_compile_for_hopper(dtype):
 
     cfg = sht._config(384)
     precision = "tf32x3" if dtype == "fp32" else "tf32"
-    for kernel, ptr_types in (
-        (sht._head_embed_kernel, {"x_ptr": "*fp32", "lnw_ptr": "*fp32", "lnb_ptr": "*fp32", "g_ptr": "*fp32"}),
-        (sht._head_classify_kernel, {"g_ptr": "*fp32", "out_ptr": "*fp32"}),
-    ):
+    operand = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    for kernel in (sht._head_embed_kernel, sht._head_classify_kernel):
         names = kernel.arg_names
-        consts = dict(PRECISION=precision, DOT_F32=False, **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")})
+        consts = dict(DT=sht._TL_DTYPES[operand], PRECISION=precision, DOT_F32=False,
+                      **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")})
         if "BLOCK_Q" in names:
             consts["BLOCK_Q"] = cfg["BLOCK_Q"]
         signature = {}
         for name in names:
             if name in consts:
                 signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = ptr_types.get(name, f"*{dtype}")
+            elif name.endswith("_ptr"):  # the stream, parameters and sums fp32; h in the operand dtype
+                signature[name] = f"*{dtype}" if name == "h_ptr" else "*fp32"
             elif name == "eps":
                 signature[name] = "fp32"
             else:
@@ -245,8 +244,9 @@ def test_cuda_module_dispatches_to_triton_and_passes_opcheck():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch.library.triton_op: torch >= 2.6")
-def test_compiled_head_launches_both_kernels_from_the_graph():
+def test_compiled_head_is_the_module_under_inductor():
+    """Under torch.compile ``keep_log_prob`` is the module's math (Inductor's fusion measured
+    faster than the two kernels, benchmarks.md): no kernel of the operator in the graph."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
@@ -254,13 +254,12 @@ def test_compiled_head_launches_both_kernels_from_the_graph():
     x = torch.randn(8, 1 + 196, 192, device="cuda")
 
     def score(t):
-        return head.keep_log_prob(t * 2.0 + 1.0, 1)  # an unmaterialised input, as at a site
+        return head.keep_log_prob(t * 2.0 + 1.0, 1)
 
     torch._dynamo.reset()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         got, codes = run_and_get_code(torch.compile(score, fullgraph=True), x)
         want = head(x * 2.0 + 1.0, None, 1)[..., 0].float()
     code = "\n".join(codes)
-    assert "_head_embed_kernel" in code and "_head_classify_kernel" in code
-    assert "tokenreduce.score_head_keep" not in code and "extern_kernels.mm" not in code
-    torch.testing.assert_close(got, want, atol=TOL[torch.bfloat16], rtol=0)
+    assert "_head_embed_kernel" not in code and "score_head_keep" not in code
+    torch.testing.assert_close(got.float(), want, atol=1e-6, rtol=0)

@@ -57,7 +57,7 @@ class ScoreHead(nn.Module):
         launches on CUDA instead of ~10); elsewhere the module itself. fp32 from the operator;
         its GEMM operands are in autocast's dtype when autocast is on, else in x's."""
         self._check("ScoreHead.keep_log_prob", x, num_prefix)
-        if device_kernel(x.device.type, "score_head_keep") is None:
+        if torch.compiler.is_compiling() or device_kernel(x.device.type, "score_head_keep") is None:
             return self(x, None, num_prefix)[..., 0]
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):

@@ -51,19 +51,27 @@ if _HAVE_TRITON:
         return 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
 
     @triton.jit
-    def _operand(v, ref, DOT_F32: tl.constexpr):
-        """``v`` rounded to ``ref``'s dtype (a dot operand); fp32 again under the interpreter."""
-        v = v.to(ref.dtype.element_ty)
+    def _operand(v, DT: tl.constexpr, DOT_F32: tl.constexpr):
+        """``v`` rounded to the operand dtype ``DT`` (a dot operand); fp32 again under the
+        interpreter, which multiplies 16-bit tiles as their raw storage."""
+        v = v.to(DT)
         if DOT_F32:
             v = v.to(tl.float32)
         return v
+
+    @triton.jit
+    def _rounded(v, DT: tl.constexpr):
+        """fp32 ``v`` rounded to ``DT`` as the unfused head stores it, back in fp32."""
+        return v.to(tl.float32).to(DT).to(tl.float32)
+
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
     @triton.jit
     def _head_embed_kernel(
         x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, h_ptr, g_ptr,
         n, P, C, HALF, eps,
         x_b, x_n, h_b, h_n, g_b, g_t,
-        PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+        DT: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         t = tl.program_id(0)
@@ -99,12 +107,10 @@ if _HAVE_TRITON:
                 u = (v - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
                 w = tl.load(w1_ptr + cols[None, :] * C + kk[:, None],
                             mask=cmask[None, :] & kmask[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) of W1^T
-                u = _operand(tl.where(m, u, 0.0), w1_ptr, DOT_F32)
-                if DOT_F32:
-                    w = w.to(tl.float32)
-                acc = tl.dot(u, w, acc, input_precision=PRECISION)
-            bias = tl.load(b1_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-            hv = _gelu(acc + bias[None, :]).to(h_ptr.dtype.element_ty)  # h as the unfused head stores it
+                acc = tl.dot(_operand(tl.where(m, u, 0.0), DT, DOT_F32), _operand(w, DT, DOT_F32), acc,
+                             input_precision=PRECISION)
+            bias = _rounded(tl.load(b1_ptr + cols, mask=cmask, other=0.0), DT)
+            hv = _gelu(acc + bias[None, :]).to(DT)  # h as the unfused head stores it
             local = cols < HALF
             tl.store(h_ptr + b * h_b + rows.to(tl.int64)[:, None] * h_n + cols[None, :], hv,
                      mask=live[:, None] & local[None, :])
@@ -116,7 +122,7 @@ if _HAVE_TRITON:
         h_ptr, g_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, w4_ptr, b4_ptr, out_ptr,
         n, T, C, HALF, QUART,
         h_b, h_n, g_b, g_t, o_b,
-        PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+        DT: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
     ):
         t = tl.program_id(0)
@@ -140,12 +146,11 @@ if _HAVE_TRITON:
                 glob = tl.zeros((BLOCK_K,), dtype=tl.float32)
                 for tt in range(0, T):
                     glob += tl.load(g_ptr + b * g_b + tt * g_t + kk, mask=kmask, other=0.0)
-                glob = (glob / n).to(w2_ptr.dtype.element_ty).to(tl.float32)
-                w = tl.load(w2_ptr + cols[None, :] * C + (HALF + kk)[:, None],
-                            mask=cmask[None, :] & kmask[:, None], other=0.0).to(tl.float32)
+                glob = _rounded(glob / n, DT)
+                w = _rounded(tl.load(w2_ptr + cols[None, :] * C + (HALF + kk)[:, None],
+                                     mask=cmask[None, :] & kmask[:, None], other=0.0), DT)
                 gb += tl.sum(glob[:, None] * w, axis=0)
-            gb += tl.load(b2_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-            gb = gb.to(w2_ptr.dtype.element_ty).to(tl.float32)
+            gb = _rounded(gb + _rounded(tl.load(b2_ptr + cols, mask=cmask, other=0.0), DT), DT)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, HALF, BLOCK_K):
                 kk = k0 + ks
@@ -153,26 +158,19 @@ if _HAVE_TRITON:
                 a = tl.load(h_rows + kk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
                 w = tl.load(w2_ptr + cols[None, :] * C + kk[:, None],
                             mask=cmask[None, :] & kmask[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) of W2a^T
-                if DOT_F32:
-                    a = a.to(tl.float32)
-                    w = w.to(tl.float32)
-                acc = tl.dot(a, w, acc, input_precision=PRECISION)
-            z = _gelu(acc.to(w2_ptr.dtype.element_ty).to(tl.float32) + gb[None, :])
-            z = _operand(tl.where(cmask[None, :], z, 0.0), w3_ptr, DOT_F32)
+                acc = tl.dot(_operand(a, DT, DOT_F32), _operand(w, DT, DOT_F32), acc, input_precision=PRECISION)
+            z = _gelu(_rounded(acc, DT) + gb[None, :])
             w3 = tl.load(w3_ptr + qs[None, :] * HALF + cols[:, None],
                          mask=qmask[None, :] & cmask[:, None], other=0.0)  # (BLOCK_N, BLOCK_Q) of W3^T
-            if DOT_F32:
-                w3 = w3.to(tl.float32)
-            acc3 = tl.dot(z, w3, acc3, input_precision=PRECISION)
-        b3 = tl.load(b3_ptr + qs, mask=qmask, other=0.0).to(tl.float32)
-        z3 = _gelu(acc3 + b3[None, :]).to(w4_ptr.dtype.element_ty).to(tl.float32)  # padding: GELU(0) = 0
-        w40 = tl.load(w4_ptr + qs, mask=qmask, other=0.0).to(tl.float32)
-        w41 = tl.load(w4_ptr + QUART + qs, mask=qmask, other=0.0).to(tl.float32)
-        keep = tl.sum(z3 * w40[None, :], axis=1) + tl.load(b4_ptr).to(tl.float32)
-        drop = tl.sum(z3 * w41[None, :], axis=1) + tl.load(b4_ptr + 1).to(tl.float32)
+            acc3 = tl.dot(_operand(tl.where(cmask[None, :], z, 0.0), DT, DOT_F32), _operand(w3, DT, DOT_F32),
+                          acc3, input_precision=PRECISION)
+        b3 = _rounded(tl.load(b3_ptr + qs, mask=qmask, other=0.0), DT)
+        z3 = _rounded(_gelu(acc3 + b3[None, :]), DT)  # padding: GELU(0) = 0
+        w40 = _rounded(tl.load(w4_ptr + qs, mask=qmask, other=0.0), DT)
+        w41 = _rounded(tl.load(w4_ptr + QUART + qs, mask=qmask, other=0.0), DT)
         # the logits as the unfused head's last Linear rounds them, then log_softmax in fp32
-        keep = keep.to(w4_ptr.dtype.element_ty).to(tl.float32)
-        drop = drop.to(w4_ptr.dtype.element_ty).to(tl.float32)
+        keep = _rounded(tl.sum(z3 * w40[None, :], axis=1) + _rounded(tl.load(b4_ptr), DT), DT)
+        drop = _rounded(tl.sum(z3 * w41[None, :], axis=1) + _rounded(tl.load(b4_ptr + 1), DT), DT)
         top = tl.maximum(keep, drop)
         lse = top + tl.log(tl.exp(keep - top) + tl.exp(drop - top))
         tl.store(out_ptr + b * o_b + rows, keep - lse, mask=live)
@@ -210,7 +208,7 @@ def score_head_keep_triton(
                          f"w4, b4); got {len(params)}")
     _check_runnable(x, op, "score_head_keep_reference")
     ln_w, ln_b, *linear = params
-    w1, b1, w2, b2, w3, b3, w4, b4 = (p.to(dtype).contiguous() for p in linear)
+    w1, b1, w2, b2, w3, b3, w4, b4 = (p.contiguous() for p in linear)  # cast in the kernels
     cfg = _config(C) if config is None else config
     n, half, quart = N - num_prefix, C // 2, C // 4
     T = triton.cdiv(n, cfg["BLOCK_M"])
@@ -226,7 +224,7 @@ def score_head_keep_triton(
     classify, classify_opts = _launcher(_head_classify_kernel, traceable)
     if embed is not _head_embed_kernel:  # traced into a graph: materialise x once (see _realized)
         x = _realized(x)
-    common = dict(PRECISION=_precision(dtype), DOT_F32=_interpreting(), num_stages=cfg["STAGES"],
+    common = dict(DT=_TL_DTYPES[dtype], PRECISION=_precision(dtype), DOT_F32=_interpreting(), num_stages=cfg["STAGES"],
                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
     guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     with guard:
