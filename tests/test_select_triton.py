@@ -121,7 +121,7 @@ def test_argument_errors_name_the_problem():
 
 def test_register_device_kernels_rejects_unknown_operators():
     with pytest.raises(ValueError, match=r"unknown operator\(s\) \['split'\]; known: \['squeeze', "
-                                         r"'squeeze_tokens', 'split_order', 'score_head_keep'\]"):
+                                         r"'squeeze_tokens', 'split_order'\]"):
         register_device_kernels("cuda", split=lambda s, k: s)
 
 

@@ -95,8 +95,6 @@ class LearnedScorer(Scorer):
         return self.head(x, prev_keep, self.num_prefix)  # (B, n, 2)
 
     def forward(self, x: Tensor, prev_keep: Tensor | None, attn) -> Tensor:
-        if prev_keep is None:  # one fused operator where a device kernel serves it
-            return self.head.keep_log_prob(x, self.num_prefix)
         return self.head(x, prev_keep, self.num_prefix)[..., 0]
 
 

@@ -44,12 +44,10 @@ __all__ = [
     "topk_split",
 ]
 
-# On CUDA with Triton installed, fused Triton kernels serve tokenreduce::squeeze, squeeze_tokens,
-# split_order and score_head_keep (the references keep serving other devices).
-# TOKENREDUCE_TRITON=0 opts out.
+# On CUDA with Triton installed, fused Triton kernels serve tokenreduce::squeeze, squeeze_tokens and
+# split_order (the references keep serving other devices). TOKENREDUCE_TRITON=0 opts out.
 if os.environ.get("TOKENREDUCE_TRITON", "1") != "0":
-    from . import score_head_triton, select_triton, squeeze_triton
+    from . import select_triton, squeeze_triton
 
     squeeze_triton.register_cuda_kernel()
     select_triton.register_cuda_kernel()
-    score_head_triton.register_cuda_kernel()

@@ -1,7 +1,6 @@
 """Fused device kernels behind tokenreduce's operators, and how the operators are defined.
 
-Each operator (``tokenreduce::squeeze``, ``squeeze_tokens``, ``split_order``,
-``score_head_keep``) has a reference
+Each operator (``tokenreduce::squeeze``, ``squeeze_tokens``, ``split_order``) has a reference
 implementation that serves every device; a fused kernel for one device type is added from its
 own module without touching the operator's::
 
@@ -25,7 +24,7 @@ import torch
 
 __all__ = ["OPERATORS", "define_op", "device_kernel", "register_device_kernels"]
 
-OPERATORS = ("squeeze", "squeeze_tokens", "split_order", "score_head_keep")
+OPERATORS = ("squeeze", "squeeze_tokens", "split_order")
 _DEVICE_KERNELS: dict[str, dict[str, Callable]] = {}
 # triton_op needs torch >= 2.6 (with wrap_triton) and triton itself.
 TRITON_OP = (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
