@@ -20,12 +20,11 @@ Like ``squeeze_triton``, it runs on CPU tensors under the Triton interpreter.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
-from .squeeze_triton import _HAVE_TRITON, _check_runnable, _launcher
+from ._triton import HAVE_TRITON, check_runnable, device_guard, launcher
 
 __all__ = ["MAX_N", "register_cuda_kernel", "split_order_triton"]
 
@@ -35,7 +34,7 @@ MAX_N = 8192  # one row in one program's registers
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _REGISTERED = False
 
-if _HAVE_TRITON:
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
@@ -67,15 +66,14 @@ def split_order_triton(scores: torch.Tensor, k: int, traceable: bool = False) ->
     B, n = scores.shape
     if not 1 <= n <= MAX_N or not 1 <= k <= n:
         raise ValueError(f"split_order_triton: needs 1 <= k <= n <= {MAX_N}; got n = {n}, k = {k}")
-    _check_runnable(scores, "split_order_triton", "split_order_reference")
+    check_runnable(scores, "split_order_triton", "split_order_reference")
     order = torch.empty((B, n), device=scores.device, dtype=torch.int64)
     if B == 0:
         return order
-    kernel, opts = _launcher(_split_order_kernel, traceable)
+    kernel, opts = launcher(_split_order_kernel, traceable)
     block = triton.next_power_of_2(n)
     warps = 4 if block <= 1024 else 8
-    guard = torch.cuda.device(scores.device) if scores.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with device_guard(scores.device):
         kernel[(B,)](scores, order, n, k, *scores.stride(), order.stride(0),
                      BLOCK_N=block, num_warps=warps, **opts)
     return order
@@ -95,7 +93,7 @@ def register_cuda_kernel() -> bool:
     global _REGISTERED
     if _REGISTERED:
         return True
-    if not _HAVE_TRITON or not torch.cuda.is_available():
+    if not HAVE_TRITON or not torch.cuda.is_available():
         logger.debug("tokenreduce: no triton or no CUDA device; split_order stays on the reference")
         return False
     from ._kernels import register_device_kernels

@@ -57,29 +57,17 @@ before triton is imported), which is how the unit tests check them on machines w
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 
 import torch
+
+from ._triton import HAVE_TRITON, check_runnable, device_guard, interpreting, launcher
 
 __all__ = ["squeeze_triton", "squeeze_tokens_triton", "register_cuda_kernel", "triton_available"]
 
 logger = logging.getLogger(__name__)
 
-try:  # pragma: no cover - exercised by whichever install runs the tests
-    import triton
-    import triton.language as tl
-
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-    _HAVE_TRITON = False
-
-# torch >= 2.6: kernels launched through it are visible to torch.compile (see _launcher).
-_WRAP_TRITON = getattr(torch.library, "wrap_triton", None) if _HAVE_TRITON else None
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EPS = 1e-6
 _REGISTERED = False
@@ -87,14 +75,12 @@ _REGISTERED = False
 
 def triton_available() -> bool:
     """True when triton is importable (the kernels can be built)."""
-    return _HAVE_TRITON
+    return HAVE_TRITON
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-if _HAVE_TRITON:
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def _rows(idx_ptr, s_ib, s_in, b, offs, mask, P, HAS_IDX: tl.constexpr):
@@ -336,7 +322,7 @@ if _HAVE_TRITON:
     def _configs(shapes: list[tuple], names: tuple[str, ...]) -> list:
         """Autotuning candidates (block sizes, then warps and stages); one fixed config when
         interpreting (each interpreted launch is slow, and timing it means nothing)."""
-        if _interpreting():
+        if interpreting():
             shapes = shapes[:1]
         return [
             triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
@@ -412,16 +398,6 @@ def _validate(reserved: torch.Tensor, pruned: torch.Tensor) -> None:
         )
 
 
-def _check_runnable(t: torch.Tensor, op: str = "squeeze_triton", reference: str = "squeeze_reference") -> None:
-    if not _HAVE_TRITON:
-        raise RuntimeError(f"{op}: triton is not installed; use {reference}")
-    if t.device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"{op}: tensors must be on a CUDA device, got {t.device} "
-            "(CPU tensors run only under the Triton interpreter, TRITON_INTERPRET=1)"
-        )
-
-
 def _precision(dtype: torch.dtype) -> str:
     # fp32: three TF32 products (relative error ~2^-22).  Measured on an H200 at DeiT-S's first
     # site, bf16 hi + lo halves (three bf16 products) took 46 us against 60 us, but their ~2^-16
@@ -453,7 +429,7 @@ def _squeeze_keys(reserved: torch.Tensor, pruned: torch.Tensor, traceable: bool 
     Np = pruned.shape[1]
     if B == 0 or Nr == 0 or C == 0 or Np == 0:
         return reserved.clone(memory_format=torch.contiguous_format), _no_keys(B, Np, reserved.device)
-    _check_runnable(reserved)
+    check_runnable(reserved, "squeeze_triton", "squeeze_reference")
     return _launch(reserved, pruned, None, None, 0, Nr, Np, traceable)
 
 
@@ -490,20 +466,8 @@ def _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix, traceable=False):
     if B == 0 or C == 0 or num_prefix + Nr == 0:
         y = torch.empty((B, num_prefix + Nr, C), device=x.device, dtype=x.dtype)
         return y, _no_keys(B, Np, x.device)
-    _check_runnable(x)
+    check_runnable(x, "squeeze_triton", "squeeze_reference")
     return _launch(x, x, kept_idx, pruned_idx, num_prefix, Nr, Np, traceable)
-
-
-def _launcher(kernel, traceable: bool):
-    """(what to launch, launch options).  ``traceable`` (the operators' path): the kernel through
-    ``torch.library.wrap_triton``, which returns the kernel itself on real tensors and a traceable
-    wrapper while torch traces the operator (Inductor then launches it from the compiled graph);
-    Triton's own compile options are passed only to a direct launch."""
-    if traceable and _WRAP_TRITON is not None:
-        wrapped = _WRAP_TRITON(kernel)
-        if wrapped is not kernel:
-            return wrapped, {}
-    return kernel, {"enable_fp_fusion": True}  # explicit: triton 3.9 warns when unset
 
 
 def _realized(t: torch.Tensor) -> torch.Tensor:
@@ -529,8 +493,8 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
     if p_src.stride(-1) != 1:
         p_src = r_src if same else p_src.contiguous()
     update = _ONE_BLOCK_P < Np < Nr  # the merge whose work (Np x Np, not Nr x Np) is smaller
-    hosts, hosts_opts = _launcher(_hosts_tuned, traceable)
-    merge, merge_opts = _launcher(_update_tuned if update else _fuse_tuned, traceable)
+    hosts, hosts_opts = launcher(_hosts_tuned, traceable)
+    merge, merge_opts = launcher(_update_tuned if update else _fuse_tuned, traceable)
     if hosts is not _hosts_tuned:  # traced into a graph
         r_src = _realized(r_src)
         p_src = r_src if same else _realized(p_src)
@@ -546,10 +510,8 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
     block_p = _block_p(Np)
     # DOT_F32: the interpreter multiplies bf16 tiles as their raw uint16 storage, so there every
     # dot operand is upcast (bf16 x bf16 products are exact in fp32: the same arithmetic).
-    common = dict(HAS_IDX=has_idx, BLOCK_P=block_p, DOT_F32=_interpreting())
-    # Triton launches on the current device; make it the inputs' one.
-    guard = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    common = dict(HAS_IDX=has_idx, BLOCK_P=block_p, DOT_F32=interpreting())
+    with device_guard(dev):
         if Np > 0 and Nr > 0:
             hosts[lambda meta: (triton.cdiv(Nr, meta["BLOCK_R"]), triton.cdiv(Np, block_p), B)](
                 r_src, p_src, ridx, pidx, keys, Nr, Np, C, P, *strides,
@@ -588,7 +550,7 @@ def register_cuda_kernel() -> bool:
     global _REGISTERED
     if _REGISTERED:
         return True
-    if not _HAVE_TRITON:
+    if not HAVE_TRITON:
         logger.debug("tokenreduce: triton not installed; squeeze stays on the reference kernel")
         return False
     if not torch.cuda.is_available():
