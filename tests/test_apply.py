@@ -91,8 +91,8 @@ def test_a_second_input_size_recomputes_counts():
     model = timm.create_model("deit_tiny_patch16_224", img_size=224, dynamic_img_size=True).eval()
     reduced = tokenreduce.apply(model, method="dtps", aux=True).eval()
     with torch.no_grad():
-        _, keeps = reduced(torch.randn(1, 3, 256, 256))  # 256 patches
-    assert [int(k.sum()) for k in keeps] == [int(256 * 0.7), int(round(256 * 0.49, 6)), int(round(256 * 0.343, 6))]
+        _, aux = reduced(torch.randn(1, 3, 256, 256))  # 256 patches
+    assert [int(k.sum()) for k in aux.keeps] == [int(256 * 0.7), int(round(256 * 0.49, 6)), int(round(256 * 0.343, 6))]
 
 
 def test_aux_masks_count_the_kept_tokens_in_eval():
@@ -100,7 +100,8 @@ def test_aux_masks_count_the_kept_tokens_in_eval():
     for method in ("etps", "evit"):
         reduced = tokenreduce.apply(model, method=method, aux=True).eval()
         with torch.no_grad():
-            _, keeps = reduced(x)
+            _, aux = reduced(x)
+        keeps = aux.keeps
         plan = reduced.meta["tokenreduce"].plan
         # each mask is over the 196 original patches; kept tokens of every site are alive
         for k, site in zip(keeps, plan.sites):
@@ -124,18 +125,18 @@ def test_flops_of_deit_small_match_the_papers():
 def test_indexed_reducer_equals_its_plain_form():
     """Sites call squeeze's indexed form (one fused op); a reducer registered with only the plain
     form (gathered kept/pruned tensors) must give the same model output, bit for bit on CPU."""
-    from tokenreduce import Method, register_method, register_reducer
-    from tokenreduce.methods import INDEXED_REDUCERS, METHODS, REDUCERS
+    from tokenreduce import Reducer, get_reducer, register_method, register_reducer
 
-    register_reducer("squeeze_plain", lambda kept, pruned, scores: tokenreduce.ops.squeeze(kept, pruned))
-    register_method(Method("etps_plain", "cls_attention", "squeeze_plain", "after_attn", "per_site"))
+    register_reducer(Reducer("squeeze_plain", lambda kept, pruned, scores: tokenreduce.ops.squeeze(kept, pruned)))
+    method = register_method("etps_plain", scorer="cls_attention", reducer="squeeze_plain", placement="after_attn",
+                             counts="per_site")
     try:
-        assert "squeeze_plain" not in INDEXED_REDUCERS and "squeeze" in INDEXED_REDUCERS
+        assert method.reducer.indexed is None and get_reducer("squeeze").indexed is not None
         model, x = build(DEIT_S, (2, 3, 224, 224))
         fused = tokenreduce.apply(model, method="etps", locs=[3, 6, 9], keep_ratio=0.5, example_input=x)
         plain = tokenreduce.apply(model, method="etps_plain", locs=[3, 6, 9], keep_ratio=0.5, example_input=x)
         with torch.no_grad():
             assert torch.equal(fused.eval()(x), plain.eval()(x))
     finally:
-        METHODS.pop("etps_plain", None)
-        REDUCERS.pop("squeeze_plain", None)
+        tokenreduce.unregister_method("etps_plain")
+        tokenreduce.unregister_reducer("squeeze_plain")

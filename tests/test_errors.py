@@ -117,4 +117,5 @@ def test_missing_example_input():
 
 def test_attention_scorer_before_the_block_is_refused():
     with pytest.raises(ValueError, match="reads the block's attention, which exists only after it has run"):
-        tokenreduce.register_method(tokenreduce.Method("early_cls", "cls_attention", "squeeze", "before", "per_site"))
+        tokenreduce.register_method("early_cls", scorer="cls_attention", reducer="squeeze", placement="before",
+                                    counts="per_site")

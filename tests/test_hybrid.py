@@ -6,7 +6,7 @@ import torch
 
 import tokenreduce
 import tokenreduce.backbones  # noqa: F401  (registers pvt_* and cvt_* with timm)
-from tokenreduce.site import ReductionSite
+from tokenreduce.runtime import ReductionSite
 
 LEARNED = ("dtps", "dynamicvit")
 HYBRIDS = [
@@ -103,8 +103,8 @@ def test_a_larger_input_works(name):
 def test_train_mode_runs_and_reaches_the_heads(name):
     model = timm.create_model(name)
     reduced = tokenreduce.apply(model, method="dtps", keep_ratio=0.5, aux=True).train()
-    out, keeps = reduced(torch.randn(2, 3, 224, 224))
-    (out.sum() + sum(k.sum() for k in keeps)).backward()
+    out, aux = reduced(torch.randn(2, 3, 224, 224))
+    (out.sum() + sum(k.sum() for k in aux.keeps)).backward()
     grads = [p.grad for n, p in reduced.named_parameters() if n.startswith("reduce_sites")]
     assert grads and all(g is not None for g in grads)
 
@@ -128,12 +128,10 @@ def test_compiles_without_graph_breaks(name):
 
 
 def test_an_appended_token_is_refused_where_a_grid_follows():
-    from tokenreduce.methods import METHODS
-
     # EViT's fuse reducer appends a token with no grid position; PVT's stage 2 has grids
-    tokenreduce.register_method(tokenreduce.Method("fuse_random", "random", "fuse", "before", "per_site"))
+    tokenreduce.register_method("fuse_random", scorer="random", reducer="fuse", placement="before", counts="per_site")
     try:
         with pytest.raises(tokenreduce.TokenReduceError, match="appended token has no grid position"):
             tokenreduce.apply(timm.create_model("pvt_tiny"), method="fuse_random", locs=["stages.1.blocks.0"])
     finally:
-        del METHODS["fuse_random"]
+        tokenreduce.unregister_method("fuse_random")

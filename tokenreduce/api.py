@@ -1,61 +1,57 @@
-"""The public entry points: ``apply``, ``inspect``, ``summary``."""
+"""The public entry points: ``apply`` and ``inspect``."""
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .analysis import ModelMap, analyze
 from .capture import capture
-from .flops import gflops
-from .methods import SCORERS, get_method
+from .errors import TokenReduceError
+from .methods import Method, get_method
 from .passes import add_aux_output, insert_sites, pad_spatial, route_policy
-from .passes.infra import tags
-from .plan import Loc, Plan, make_plan
-from .site import ReductionSite
+from .plan import Loc, make_plan
+from .reduced import ReducedModel, Reduction, dense_cost
+from .runtime.site import ReductionSite
 
-__all__ = ["apply", "inspect", "summary", "Reduction", "Summary"]
+__all__ = ["apply", "inspect"]
 
 log = logging.getLogger(__name__)
 
 _COPIED_ATTRS = (int, float, str, bool, tuple, dict, type(None))
 
 
-@dataclass(frozen=True)
-class Reduction:
-    """What ``apply`` did, kept in ``reduced.meta["tokenreduce"]``."""
-
-    plan: Plan
-    model_map: ModelMap
-    example_shape: tuple[int, ...]
-    aux: bool
-
-
 def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
+    """``example_input``, or a random batch of 2 at the size the model declares: timm's
+    ``pretrained_cfg["input_size"]``, with the patch embedding's own input channels and image size
+    where it has them (``in_chans=`` / ``img_size=`` overrides are not reflected in the config)."""
     if example_input is not None:
         if not isinstance(example_input, torch.Tensor):
             raise TypeError(f"example_input: expected a tensor batch, got {type(example_input).__name__}")
         return example_input
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size")
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None and isinstance(img_size, (tuple, list)) and len(img_size) == 2:
-        size = (size[0], *img_size)  # timm's `img_size=` override is not reflected in pretrained_cfg
+    embed = getattr(model, "patch_embed", None)
+    img_size = getattr(embed, "img_size", None)
+    in_chans = getattr(getattr(embed, "proj", None), "in_channels", None)
     if size is None:
         raise ValueError(
             f"example_input: {type(model).__name__} has no timm pretrained_cfg['input_size']; pass "
             f"example_input=torch.randn(2, 3, H, W) with the input size the model takes"
         )
+    c, h, w = size
+    if isinstance(in_chans, int):
+        c = in_chans
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2:
+        h, w = img_size
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return torch.randn(2, *size, device=device, dtype=dtype)
+    return torch.randn(2, c, h, w, device=device, dtype=dtype)
 
 
 def _weight_sharing_copy(model: nn.Module) -> nn.Module:
@@ -66,15 +62,37 @@ def _weight_sharing_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _method(method: str | Method) -> Method:
+    if isinstance(method, Method):
+        return method
+    return get_method(method)
+
+
+def _timm_facts(model: nn.Module) -> dict:
+    """What timm's training helpers ask of a model, read once from the dense one."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    head = None
+    if callable(getattr(model, "get_classifier", None)):
+        classifier = model.get_classifier()
+        head = next((name for name, m in model.named_modules() if m is classifier and name), None)
+    matchers: tuple = (None, None)
+    if callable(getattr(model, "group_matcher", None)):
+        fine, coarse = model.group_matcher(coarse=False), model.group_matcher(coarse=True)
+        matchers = (fine if isinstance(fine, dict) else None, coarse if isinstance(coarse, dict) else None)
+    nwd = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else ()
+    return {"model_name": cfg.get("architecture") or type(model).__name__, "head": head,
+            "no_weight_decay": tuple(sorted(nwd)), "group_matchers": matchers}
+
+
 def apply(
     model: nn.Module,
-    method: str = "etps",
+    method: str | Method = "etps",
     locs: Sequence[Loc] | None = None,
     keep_ratio: float | Sequence[float] = 0.7,
     *,
     example_input: torch.Tensor | None = None,
     aux: bool = False,
-) -> fx.GraphModule:
+) -> ReducedModel:
     """Return ``model`` with token reduction inserted at ``locs``; ``model`` is left untouched.
 
     Args:
@@ -88,22 +106,33 @@ def apply(
             each site (keep ``ceil(rho * n)``). dTPS/DynamicViT: cumulative over the original
             tokens, the s-th site keeping ``int(n * rho ** s)``; a list gives those cumulative
             fractions (``[0.7, 0.49, 0.343]``).
-        example_input: a batch the model takes (default: timm's ``pretrained_cfg`` input size).
-        aux: also return the per-site keep masks: ``out, keeps = reduced(x)``, each (B, n).
+        example_input: a batch the model takes (default: timm's config input size, with the
+            patch embedding's channels and image size).
+        aux: also return :class:`tokenreduce.Aux`: ``out, aux = reduced(x)`` (keep masks, final
+            tokens, host maps).
 
     Returns:
-        A ``torch.fx.GraphModule`` sharing ``model``'s parameters and buffers (dTPS adds score
-        heads under ``reduce_sites``), in the same train/eval mode. In eval mode (and for
+        A :class:`ReducedModel` (a ``torch.fx.GraphModule``) sharing ``model``'s parameters and
+        buffers (dTPS adds score heads under ``reduce_sites``), in the same train/eval mode. To
+        fine-tune without touching ``model``, pass ``copy.deepcopy(model)``. In eval mode (and for
         eTPS/EViT in train mode) tokens are really removed; dTPS/DynamicViT in train mode keep full
         length with straight-through Gumbel masks and policy-masked attention.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply: model must be an nn.Module, got {type(model).__name__}")
-    m = get_method(method)
+    if isinstance(model, ReducedModel) or "tokenreduce" in getattr(model, "meta", {}):
+        raise TokenReduceError(
+            f"apply: {type(model).__name__} is already reduced by tokenreduce; apply to the dense model "
+            f"instead (sites of both calls can go in one `locs` list)"
+        )
+    if not isinstance(aux, bool):
+        raise TypeError(f"apply: aux must be a bool, got {aux!r}")
+    m = _method(method)
     example = _example(model, example_input)
     work = _weight_sharing_copy(model).eval()  # trace in eval: no dropout branch frozen in
     name = type(model).__name__
-    gm = capture(work, example)
+    traced = capture(work, example)
+    gm = ReducedModel(traced, traced.graph, name)
     model_map = analyze(gm, tuple(example.shape), name)
     if locs is None:  # a backbone may declare its paper's sites
         locs = getattr(model, "default_reduction_locs", None)
@@ -116,15 +145,18 @@ def apply(
     gm = insert_sites(gm, model_map, plan, sites)
     if model_map.to_grid:
         gm = pad_spatial(gm, model_map)
-    if SCORERS[m.scorer].learned:
+    if m.scorer.learned:
         gm = route_policy(gm, model_map, plan)
     if aux:
-        gm = add_aux_output(gm)
+        gm = add_aux_output(gm, model_map, plan)
     for key, value in vars(model).items():
         if not key.startswith("_") and isinstance(value, _COPIED_ATTRS) and not hasattr(gm, key):
             setattr(gm, key, copy.copy(value))
-    gm.meta["tokenreduce"] = Reduction(plan=plan, model_map=model_map, example_shape=tuple(example.shape), aux=aux)
-    gm.meta["tokenreduce_dense"] = work  # unregistered: for summary's dense FLOPs only
+    gflops_dense, params_dense = dense_cost(work, example)
+    gm.meta["tokenreduce"] = Reduction(
+        plan=plan, model_map=model_map, example_shape=tuple(example.shape), aux=aux,
+        gflops_dense=gflops_dense, params_dense=params_dense, **_timm_facts(model),
+    )
     gm.train(model.training)
     log.info("tokenreduce.apply: %s", plan.table().replace("\n", " | "))
     return gm
@@ -135,79 +167,9 @@ def inspect(model: nn.Module, example_input: torch.Tensor | None = None) -> Mode
 
     The returned :class:`ModelMap` prints as a table (``print(tokenreduce.inspect(model))``).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inspect: model must be an nn.Module, got {type(model).__name__}")
     example = _example(model, example_input)
     work = _weight_sharing_copy(model).eval()
     gm = capture(work, example)
     return analyze(gm, tuple(example.shape), type(model).__name__)
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Tokens per block and the cost of a reduced model, for one image of the example size."""
-
-    rows: tuple[tuple[int, str, int, int], ...]  # (block, path, attention tokens, mlp tokens)
-    gflops_dense: float
-    gflops_reduced: float
-    params_dense: int
-    params_reduced: int
-    plan: Plan
-
-    def __str__(self) -> str:
-        width = max(len("path"), *(len(path) for _, path, _, _ in self.rows))
-        lines = [self.plan.table(), "", f"{'block':<5}  {'path':<{width}}  attn tokens  mlp tokens"]
-        for i, path, na, nm in self.rows:
-            lines.append(f"{i:<5}  {path:<{width}}  {na:>11}  {nm:>10}")
-        lines += [
-            "",
-            f"GFLOPs (multiply-adds, 1 image): dense {self.gflops_dense:.3f}  reduced {self.gflops_reduced:.3f}"
-            f"  ({self.gflops_reduced / self.gflops_dense:.1%})",
-            f"params: dense {self.params_dense / 1e6:.2f} M  reduced {self.params_reduced / 1e6:.2f} M",
-        ]
-        return "\n".join(lines)
-
-    __repr__ = __str__
-
-
-def summary(reduced: fx.GraphModule, example_input: torch.Tensor | None = None) -> Summary:
-    """Tokens entering every block's attention and MLP, GFLOPs before/after, parameter counts."""
-    info = reduced.meta.get("tokenreduce") if isinstance(reduced, fx.GraphModule) else None
-    if info is None:
-        raise TypeError("summary: expected a module returned by tokenreduce.apply")
-    dense = reduced.meta["tokenreduce_dense"]
-    param = next(reduced.parameters(), None)
-    example = example_input if example_input is not None else torch.randn(
-        1, *info.example_shape[1:], device=param.device if param is not None else "cpu",
-        dtype=param.dtype if param is not None else torch.float32)
-
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    from .analysis.graph import shape_of
-
-    was_training = reduced.training
-    reduced.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(reduced).propagate(example[:1])
-    finally:
-        reduced.train(was_training)
-    attn_tokens: dict[int, int] = {}
-    mlp_tokens: dict[int, int] = {}
-    for node in reduced.graph.nodes:
-        t = tags(node)
-        if t.get("role") == "query":
-            attn_tokens[t["block"]] = shape_of(node)[-2]
-        elif t.get("role") == "attn_residual":
-            mlp_tokens[t["block"]] = shape_of(node)[1]
-    # an after-attention site changes the stream right after the attention residual
-    for site in info.plan.sites:
-        if site.placement == "after_attn":
-            mlp_tokens[site.block] = site.num_prefix + site.n_out
-    rows = tuple((b.index, b.path, attn_tokens[b.index], mlp_tokens[b.index]) for b in info.model_map.blocks)
-    return Summary(
-        rows=rows,
-        gflops_dense=gflops(dense, example),
-        gflops_reduced=gflops(reduced, example),
-        params_dense=sum(p.numel() for p in dense.parameters()),
-        params_reduced=sum(p.numel() for p in reduced.parameters()),
-        plan=info.plan,
-    )

@@ -1,66 +1,68 @@
 """The registry of reduction methods: a method is a scorer, a reducer and a placement.
 
-| method       | scorer                  | reducer | placement    | keep counts |
-|--------------|-------------------------|---------|--------------|-------------|
-| ``etps``     | class-token attention   | squeeze | after attn   | per site    |
-| ``evit``     | class-token attention   | fuse    | after attn   | per site    |
-| ``dtps``     | learned score head      | squeeze | before block | cumulative  |
+| method         | scorer                | reducer | placement    | keep counts |
+|----------------|-----------------------|---------|--------------|-------------|
+| ``etps``       | class-token attention | squeeze | after attn   | per site    |
+| ``evit``       | class-token attention | fuse    | after attn   | per site    |
+| ``dtps``       | learned score head    | squeeze | before block | cumulative  |
 | ``dynamicvit`` | learned score head    | drop    | before block | cumulative  |
 
-``register_method`` adds a combination (a random scorer serves ablations), ``register_scorer`` and
-``register_reducer`` add new parts without touching the passes.
+A :class:`Reducer` is one frozen record of every form of a token reducer; a :class:`Method`
+holds its resolved scorer class and reducer, so nothing is looked up by name after
+``register_method``. The registries are private: ``register_*`` / ``get_*`` / ``list_*`` /
+``unregister_*`` are the interface.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
+from .runtime.state import AttnInputs
 
 __all__ = [
-    "Method", "Scorer", "METHODS", "SCORERS", "REDUCERS", "MASKED_REDUCERS", "INDEXED_REDUCERS",
-    "register_method", "register_scorer", "register_reducer", "get_method",
+    "Method", "Reducer", "Scorer", "Placement", "Counts",
+    "register_method", "register_scorer", "register_reducer",
+    "get_method", "get_reducer", "get_scorer",
+    "list_methods", "list_reducers", "list_scorers",
+    "unregister_method", "unregister_reducer", "unregister_scorer",
 ]
 
-PLACEMENTS = ("before", "after_attn")
-COUNTS = ("per_site", "cumulative")
+Placement = Literal["before", "after_attn"]
+Counts = Literal["per_site", "cumulative"]
 
-
-@dataclass(frozen=True)
-class Method:
-    """A named composition. ``counts``: how ``keep_ratio`` maps to token counts (see ``plan``)."""
-
-    name: str
-    scorer: str
-    reducer: str
-    placement: str
-    counts: str
-
-    def __post_init__(self) -> None:
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"Method {self.name!r}: placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.counts not in COUNTS:
-            raise ValueError(f"Method {self.name!r}: counts must be one of {COUNTS}, got {self.counts!r}")
+# plain(kept (B, k, C), pruned (B, n - k, C), pruned_scores (B, n - k)) -> (B, k + extra, C)
+PlainForm = Callable[[Tensor, Tensor, Tensor], Tensor]
+# masked(x (B, n, C), keep (B, n, 1), pruned_now (B, n, 1)) -> (B, n, C): fixed-length training form
+MaskedForm = Callable[[Tensor, Tensor, Tensor], Tensor]
+# indexed(x (B, P + n, C), P, kept_idx (B, k), pruned_idx (B, n - k), scores (B, n)) -> (B, P + k + extra, C)
+IndexedForm = Callable[[Tensor, int, Tensor, Tensor, Tensor], Tensor]
+# assign(kept (B, k, C), pruned (B, n - k, C)) -> (B, n - k) int64 index into kept: each pruned token's host
+AssignForm = Callable[[Tensor, Tensor], Tensor]
 
 
 class Scorer(nn.Module):
     """Scores patch tokens; higher means keep. Subclasses set the class attributes below.
 
-    ``forward(patches (B, n, C), prev_keep (B, n, 1) | None, attn) -> (B, n)`` where ``attn`` is
-    the block's :class:`AttnInputs` (used by attention-based scorers, None for others).
-    ``learned`` scorers also provide ``log_probs`` for the training form (Gumbel masks). With
-    ``sees_prefix`` both receive the whole stream (B, P + n, C) instead of ``patches`` and still
-    score the n patch tokens.
+    ``forward(patches (B, n, C), prev_keep (B, n, 1) | None, attn: AttnInputs) -> (B, n)``;
+    ``attn`` carries the block's q and k (or its probabilities) for attention-based scorers and
+    is all None otherwise. ``learned`` scorers also provide ``log_probs`` for the training form
+    (Gumbel masks). With ``sees_prefix`` both receive the whole stream (B, P + n, C) instead of
+    ``patches`` and still score the n patch tokens.
     """
 
     needs_attention: bool = False
     needs_prefix: bool = False  # needs a class token leading the sequence
     learned: bool = False
     sees_prefix: bool = False  # takes the whole stream (B, P + n, C), prefix rows first
+
+    def __init__(self, dim: int, num_prefix: int) -> None:
+        super().__init__()
+        self.num_prefix = num_prefix
 
 
 class ClsAttentionScorer(Scorer):
@@ -69,13 +71,9 @@ class ClsAttentionScorer(Scorer):
     needs_attention = True
     needs_prefix = True
 
-    def __init__(self, dim: int, num_prefix: int) -> None:
-        super().__init__()
-        self.num_prefix = num_prefix
-
-    def forward(self, patches: Tensor, prev_keep: Tensor | None, attn) -> Tensor:
+    def forward(self, patches: Tensor, prev_keep: Tensor | None, attn: AttnInputs) -> Tensor:
         if attn.probs is not None:  # explicit softmax attention: read its class row, (B, n)
-            return attn.probs[:, :, 0, self.num_prefix:].float().mean(dim=1)
+            return attn.probs[:, :, 0, self.num_prefix :].float().mean(dim=1)
         scale = attn.scale if attn.scale is not None else attn.q.shape[-1] ** -0.5  # sdpa's default
         return ops.cls_attention(attn.q, attn.k, scale, self.num_prefix)
 
@@ -87,25 +85,170 @@ class LearnedScorer(Scorer):
     sees_prefix = True  # the head's norm reads the whole stream (see ops.ScoreHead)
 
     def __init__(self, dim: int, num_prefix: int) -> None:
-        super().__init__()
-        self.num_prefix = num_prefix
+        super().__init__(dim, num_prefix)
         self.head = ops.ScoreHead(dim)
 
     def log_probs(self, x: Tensor, prev_keep: Tensor | None) -> Tensor:
         return self.head(x, prev_keep, self.num_prefix)  # (B, n, 2)
 
-    def forward(self, x: Tensor, prev_keep: Tensor | None, attn) -> Tensor:
+    def forward(self, x: Tensor, prev_keep: Tensor | None, attn: AttnInputs) -> Tensor:
         return self.head(x, prev_keep, self.num_prefix)[..., 0]
 
 
 class RandomScorer(Scorer):
     """Uniform random scores: the ablation baseline."""
 
-    def __init__(self, dim: int, num_prefix: int) -> None:
-        super().__init__()
-
-    def forward(self, patches: Tensor, prev_keep: Tensor | None, attn) -> Tensor:
+    def forward(self, patches: Tensor, prev_keep: Tensor | None, attn: AttnInputs) -> Tensor:
         return torch.rand(patches.shape[:2], device=patches.device)
+
+
+@dataclass(frozen=True)
+class Reducer:
+    """Every form of one token reducer (shapes in the module's type aliases).
+
+    ``plain`` serves inference and methods that reduce for real in training; ``masked`` is the
+    fixed-length training form a learned scorer needs (None: no such form); ``indexed`` an
+    optional fused form that gathers for itself and must equal ``plain``; ``extra_tokens`` how
+    many tokens ``plain`` appends after the kept ones; ``assign`` which kept token each pruned one
+    joins (for ``aux`` host maps and pictures; None: pruned tokens have no host).
+    """
+
+    name: str
+    plain: PlainForm
+    masked: MaskedForm | None = None
+    indexed: IndexedForm | None = None
+    extra_tokens: int = 0
+    assign: AssignForm | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Reducer: name must be a non-empty str, got {self.name!r}")
+        for form in ("plain", "masked", "indexed", "assign"):
+            fn = getattr(self, form)
+            if not (fn is None and form != "plain") and not callable(fn):
+                raise TypeError(f"Reducer {self.name!r}: `{form}` must be callable, got {fn!r}")
+        if isinstance(self.extra_tokens, bool) or not isinstance(self.extra_tokens, int) or self.extra_tokens < 0:
+            raise ValueError(f"Reducer {self.name!r}: extra_tokens must be an int >= 0, got {self.extra_tokens!r}")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named composition of resolved parts. ``counts``: how ``keep_ratio`` maps to token
+    counts (see :mod:`tokenreduce.plan`)."""
+
+    name: str
+    scorer: type[Scorer]
+    reducer: Reducer
+    placement: Placement
+    counts: Counts
+
+
+_SCORERS: dict[str, type[Scorer]] = {}
+_REDUCERS: dict[str, Reducer] = {}
+_METHODS: dict[str, Method] = {}
+
+
+def _choice(what: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"register_method: {what} must be one of {allowed}, got {value!r}")
+
+
+def register_scorer(name: str, cls: type[Scorer]) -> type[Scorer]:
+    """Add (or replace) the scorer ``name``; ``cls(dim, num_prefix)`` builds one per site."""
+    if not (isinstance(cls, type) and issubclass(cls, Scorer)):
+        raise TypeError(f"register_scorer: {cls!r} must subclass tokenreduce.Scorer")
+    _SCORERS[name] = cls
+    return cls
+
+
+def register_reducer(reducer: Reducer) -> Reducer:
+    """Add (or replace) ``reducer`` under ``reducer.name``. Methods already registered keep the
+    record they resolved."""
+    if not isinstance(reducer, Reducer):
+        raise TypeError(f"register_reducer: expected a tokenreduce.Reducer, got {type(reducer).__name__}")
+    _REDUCERS[reducer.name] = reducer
+    return reducer
+
+
+def register_method(
+    name: str,
+    *,
+    scorer: str | type[Scorer],
+    reducer: str | Reducer,
+    placement: Placement,
+    counts: Counts,
+) -> Method:
+    """Compose, validate and register a method (replacing one of the same name).
+
+    ``scorer`` and ``reducer`` are registered names or the objects themselves; they are resolved
+    here, once. Returns the frozen :class:`Method`.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_method: name must be a non-empty str, got {name!r}")
+    _choice("placement", placement, get_args(Placement))
+    _choice("counts", counts, get_args(Counts))
+    cls = get_scorer(scorer) if isinstance(scorer, str) else scorer
+    if not (isinstance(cls, type) and issubclass(cls, Scorer)):
+        raise TypeError(f"register_method: scorer must be a registered name or a Scorer subclass, got {scorer!r}")
+    red = get_reducer(reducer) if isinstance(reducer, str) else reducer
+    if not isinstance(red, Reducer):
+        raise TypeError(f"register_method: reducer must be a registered name or a Reducer, got {reducer!r}")
+    if cls.needs_attention and placement != "after_attn":
+        raise ValueError(
+            f"register_method: scorer {cls.__name__} reads the block's attention, which exists only "
+            f"after it has run; use placement='after_attn' (or a scorer that needs no attention)"
+        )
+    if cls.learned and red.masked is None:
+        raise ValueError(
+            f"register_method: reducer {red.name!r} has no fixed-length training form, which a "
+            f"learned scorer needs; give its Reducer a `masked` form"
+        )
+    method = Method(name, cls, red, placement, counts)
+    _METHODS[name] = method
+    return method
+
+
+def _get(table: dict, kind: str, name: object):
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"{kind}: unknown {kind} {name!r}; known: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def get_method(name: str) -> Method:
+    return _get(_METHODS, "method", name)
+
+
+def get_reducer(name: str) -> Reducer:
+    return _get(_REDUCERS, "reducer", name)
+
+
+def get_scorer(name: str) -> type[Scorer]:
+    return _get(_SCORERS, "scorer", name)
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def list_reducers() -> list[str]:
+    return sorted(_REDUCERS)
+
+
+def list_scorers() -> list[str]:
+    return sorted(_SCORERS)
+
+
+def unregister_method(name: str) -> Method:
+    return _METHODS.pop(get_method(name).name)
+
+
+def unregister_reducer(name: str) -> Reducer:
+    return _REDUCERS.pop(get_reducer(name).name)
+
+
+def unregister_scorer(name: str) -> type[Scorer]:
+    get_scorer(name)
+    return _SCORERS.pop(name)
 
 
 def _fuse(kept: Tensor, pruned: Tensor, pruned_scores: Tensor) -> Tensor:
@@ -118,94 +261,29 @@ def _squeeze(kept: Tensor, pruned: Tensor, pruned_scores: Tensor) -> Tensor:
     return ops.squeeze(kept, pruned)
 
 
-def _drop(kept: Tensor, pruned: Tensor, pruned_scores: Tensor) -> Tensor:
-    return ops.drop(kept, pruned)
-
-
 def _squeeze_indexed(x: Tensor, num_prefix: int, kept_idx: Tensor, pruned_idx: Tensor, scores: Tensor) -> Tensor:
     return ops.squeeze_tokens(x, kept_idx, pruned_idx, num_prefix)
 
 
-def _squeeze_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
-    return ops.squeeze_masked(x, keep, pruned_now)
+def _squeeze_hosts(kept: Tensor, pruned: Tensor) -> Tensor:
+    return ops.squeeze_assign(kept, pruned).host
+
+
+def _drop(kept: Tensor, pruned: Tensor, pruned_scores: Tensor) -> Tensor:
+    return ops.drop(kept, pruned)
 
 
 def _drop_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
     return x
 
 
-# reducer(kept (B,k,C), pruned (B,n-k,C), pruned_scores (B,n-k)) -> (B, k [+ extra], C)
-REDUCERS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "squeeze": _squeeze, "fuse": _fuse, "drop": _drop,
-}
-# training form of a reducer, fixed length: (x (B,n,C), keep (B,n,1), pruned_now (B,n,1)) -> (B,n,C)
-MASKED_REDUCERS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "squeeze": _squeeze_masked, "drop": _drop_masked,
-}
-# optional fast form of a reducer that gathers for itself (one fused kernel for the whole site):
-# (x (B,P+n,C), P, kept_idx (B,k), pruned_idx (B,n-k), scores (B,n)) -> (B, P + k [+ extra], C),
-# prefix rows included; indices into x[:, P:], raster order. Must equal the plain form.
-INDEXED_REDUCERS: dict[str, Callable[[Tensor, int, Tensor, Tensor, Tensor], Tensor]] = {
-    "squeeze": _squeeze_indexed,
-}
-# extra tokens a reducer appends after the kept ones
-EXTRA_TOKENS = {"squeeze": 0, "fuse": 1, "drop": 0}
-
-SCORERS: dict[str, type[Scorer]] = {
-    "cls_attention": ClsAttentionScorer, "learned": LearnedScorer, "random": RandomScorer,
-}
-
-METHODS: dict[str, Method] = {}
-
-
-def register_method(method: Method) -> Method:
-    """Add ``method`` to the registry (replacing one of the same name)."""
-    if method.scorer not in SCORERS:
-        raise ValueError(f"register_method: unknown scorer {method.scorer!r}; known: {sorted(SCORERS)}")
-    if method.reducer not in REDUCERS:
-        raise ValueError(f"register_method: unknown reducer {method.reducer!r}; known: {sorted(REDUCERS)}")
-    if SCORERS[method.scorer].needs_attention and method.placement != "after_attn":
-        raise ValueError(
-            f"register_method: scorer {method.scorer!r} reads the block's attention, which exists only "
-            f"after it has run; use placement='after_attn' (or a scorer that needs no attention)"
-        )
-    if SCORERS[method.scorer].learned and method.reducer not in MASKED_REDUCERS:
-        raise ValueError(
-            f"register_method: reducer {method.reducer!r} has no fixed-length training form, which a "
-            f"learned scorer needs; use one of {sorted(MASKED_REDUCERS)} or register it in MASKED_REDUCERS"
-        )
-    METHODS[method.name] = method
-    return method
-
-
-def register_scorer(name: str, cls: type[Scorer]) -> type[Scorer]:
-    if not (isinstance(cls, type) and issubclass(cls, Scorer)):
-        raise TypeError(f"register_scorer: {cls!r} must subclass tokenreduce.methods.Scorer")
-    SCORERS[name] = cls
-    return cls
-
-
-def register_reducer(
-    name: str, fn: Callable, masked: Callable | None = None, extra_tokens: int = 0,
-    indexed: Callable | None = None,
-) -> Callable:
-    REDUCERS[name] = fn
-    EXTRA_TOKENS[name] = extra_tokens
-    for table, form in ((MASKED_REDUCERS, masked), (INDEXED_REDUCERS, indexed)):
-        if form is not None:
-            table[name] = form
-        else:  # re-registering a name must not keep the old reducer's other forms
-            table.pop(name, None)
-    return fn
-
-
-def get_method(name: str) -> Method:
-    if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"method: unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-register_method(Method("etps", "cls_attention", "squeeze", "after_attn", "per_site"))
-register_method(Method("evit", "cls_attention", "fuse", "after_attn", "per_site"))
-register_method(Method("dtps", "learned", "squeeze", "before", "cumulative"))
-register_method(Method("dynamicvit", "learned", "drop", "before", "cumulative"))
+register_scorer("cls_attention", ClsAttentionScorer)
+register_scorer("learned", LearnedScorer)
+register_scorer("random", RandomScorer)
+register_reducer(Reducer("squeeze", _squeeze, ops.squeeze_masked, _squeeze_indexed, 0, _squeeze_hosts))
+register_reducer(Reducer("fuse", _fuse, extra_tokens=1))
+register_reducer(Reducer("drop", _drop, _drop_masked))
+register_method("etps", scorer="cls_attention", reducer="squeeze", placement="after_attn", counts="per_site")
+register_method("evit", scorer="cls_attention", reducer="fuse", placement="after_attn", counts="per_site")
+register_method("dtps", scorer="learned", reducer="squeeze", placement="before", counts="cumulative")
+register_method("dynamicvit", scorer="learned", reducer="drop", placement="before", counts="cumulative")

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 from .analysis import ModelMap
 from .errors import TokenReduceError
-from .methods import EXTRA_TOKENS, SCORERS, Method
+
+if TYPE_CHECKING:
+    from .methods import Method
 
 __all__ = ["Site", "Plan", "make_plan", "keep_count", "default_locs"]
 
@@ -51,7 +53,6 @@ class Site:
     n_in: int
     keep: int
     extra: int
-    first_in_stage: bool
 
     @property
     def n_out(self) -> int:
@@ -87,6 +88,12 @@ def default_locs(model_map: ModelMap) -> list[int]:
             return [next(b.index for b in blocks if b.stage == s) for s in stages[1:]]
         blocks = tuple(blocks[i] for i in last)
     depth = len(blocks)
+    if depth < 2:
+        raise TokenReduceError(
+            f"locs: {model_map.model_name} has {depth} block(s) in its last stage, too few for default "
+            f"sites (the first one sits a quarter of the way down); pass locs explicitly, e.g. "
+            f"locs=[{blocks[0].index}] (dtps: before that block)"
+        )
     picks = sorted({max(1, min(depth - 1, round(depth * q))) for q in (0.25, 0.5, 0.75)})
     return [blocks[p].index for p in picks]
 
@@ -110,6 +117,8 @@ def _ratios(keep_ratio: float | Sequence[float], n_sites: int) -> list[float]:
     if isinstance(keep_ratio, (int, float)) and not isinstance(keep_ratio, bool):
         values = [float(keep_ratio)] * n_sites
     elif isinstance(keep_ratio, Sequence) and not isinstance(keep_ratio, str):
+        if any(isinstance(r, bool) or not isinstance(r, (int, float)) for r in keep_ratio):
+            raise TypeError(f"keep_ratio: every entry must be a float in (0, 1], got {list(keep_ratio)!r}")
         values = [float(r) for r in keep_ratio]
         if len(values) != n_sites:
             raise ValueError(
@@ -143,7 +152,8 @@ def make_plan(
     order = sorted(range(len(indices)), key=indices.__getitem__)
     indices, ratios = [indices[i] for i in order], [ratios[i] for i in order]
 
-    scorer = SCORERS[method.scorer]
+    scorer = method.scorer
+    any_full = any(b.attn.full_keys and b.has_class_token for b in model_map.blocks)
     sites: list[Site] = []
     for s, (bi, r) in enumerate(zip(indices, ratios)):
         block = model_map.block(bi)
@@ -159,10 +169,12 @@ def make_plan(
             raise TokenReduceError(
                 f"{method.name}: the attention of block '{block.path}' uses {block.attn.num_keys} "
                 f"keys for {block.attn.num_queries} queries (spatially reduced keys), so it has no "
-                f"class-token attention row over the patches; place the site at another block or "
-                f"use method='dtps'."
+                f"class-token attention row over the patches; "
+                + ("place the site at a block with full-sequence attention or use method='dtps'."
+                   if any_full else f"no block of {model_map.model_name} has one: use method='dtps'.")
             )
-        if EXTRA_TOKENS[method.reducer] and any(g.stage == block.stage for g in model_map.to_grid):
+        extra = method.reducer.extra_tokens
+        if extra and any(g.stage == block.stage for g in model_map.to_grid):
             raise TokenReduceError(
                 f"{method.name}: stage {block.stage} of {model_map.model_name} lays its tokens on a "
                 f"grid (spatial operators at '{block.path}' and after), and {method.name}'s "
@@ -183,7 +195,7 @@ def make_plan(
             Site(
                 index=s, block=bi, path=block.path, stage=block.stage, placement=method.placement,
                 ratio=r, num_prefix=block.num_prefix, n_in=n_in, keep=keep,
-                extra=EXTRA_TOKENS[method.reducer], first_in_stage=prev is None,
+                extra=extra if keep < n_in else 0,  # a site that keeps everything is the identity
             )
         )
     return Plan(method=method, sites=tuple(sites), model_name=model_map.model_name)

@@ -1,20 +1,55 @@
-"""Analyze: read a captured graph and describe it as a :class:`ModelMap` (read-only)."""
+"""Analyze: read a captured graph and describe it as a :class:`ModelMap`.
+
+The description is plain data; the nodes a rewrite needs are marked in the graph itself
+(:mod:`tokenreduce.anchors`), which is the only thing analysis writes (into ``node.meta``).
+"""
 
 from __future__ import annotations
 
 import torch.fx as fx
 
+from ..anchors import mark
 from ..errors import TokenReduceError
+from ._found import FoundAttention, FoundBlock
 from .attention import find_attention
 from .blocks import find_blocks
-from .model_map import Attention, Block, ModelMap
-from .spatial import FromGrid, ToGrid, find_spatial
+from .graph import shape_of
+from .model_map import Attention, Block, FromGrid, ModelMap, ToGrid
+from .spatial import find_spatial
 
 __all__ = ["analyze", "Attention", "Block", "ModelMap", "ToGrid", "FromGrid"]
 
 
+def _final_tokens(last_exit: fx.Node) -> fx.Node:
+    """The final tokens: the last block's output after the shape-preserving ops (the final norm)
+    that are its only consumer, before pooling changes the shape."""
+    node = last_exit
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op == "output" or shape_of(user) != shape_of(node):
+            break
+        node = user
+    return node
+
+
+def _attention(att: FoundAttention) -> Attention:
+    return Attention(kind=att.kind, node=att.node.name, scale=att.scale, num_heads=att.num_heads,
+                     head_dim=att.head_dim, num_queries=att.num_queries, num_keys=att.num_keys)
+
+
+def _mark_block(b: FoundBlock) -> Block:
+    for role, node in (("entry", b.entry), ("attn", b.attn.node), ("q", b.attn.q), ("k", b.attn.k),
+                       ("attn_residual", b.attn_residual), ("exit", b.exit)):
+        mark(node, role, b.index)
+    if b.attn.v is not None:
+        mark(b.attn.v, "v", b.index)
+    return Block(index=b.index, path=b.path, stage=b.stage, attn=_attention(b.attn), num_prefix=b.num_prefix,
+                 has_class_token=b.has_class_token, num_tokens=b.num_tokens, dim=b.dim)
+
+
 def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str) -> ModelMap:
-    """Find blocks, attention and prefix tokens in ``gm`` (which capture() annotated)."""
+    """Find blocks, attention and prefix tokens in ``gm`` (which capture() annotated) and mark
+    their nodes. Returns the plain description."""
     attentions = find_attention(gm.graph)
     if not attentions:
         raise TokenReduceError(
@@ -23,7 +58,22 @@ def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str)
             f"Check that the attention module is not registered as a leaf, or that the model is "
             f"a vision transformer."
         )
-    blocks, notes = find_blocks(gm, attentions)
-    to_grid, from_grid = find_spatial(gm, tuple(blocks))
-    return ModelMap(model_name=model_name, blocks=tuple(blocks), example_shape=tuple(example_shape),
-                    notes=tuple(notes), to_grid=to_grid, from_grid=from_grid)
+    found, notes = find_blocks(gm, attentions)
+    to_grid, from_grid = find_spatial(gm, tuple(found))
+    blocks = tuple(_mark_block(b) for b in found)
+    for i, t in enumerate(to_grid):
+        mark(t.head, "to_grid", i)
+    for i, f in enumerate(from_grid):
+        mark(f.node, "from_grid", i)
+    tokens = _final_tokens(found[-1].exit)
+    final = shape_of(tokens)
+    final_tokens = None
+    if final is not None and len(final) == 3:
+        mark(tokens, "tokens", 0)
+        final_tokens = tuple(final[1:])
+    return ModelMap(
+        model_name=model_name, blocks=blocks, example_shape=tuple(example_shape), notes=tuple(notes),
+        to_grid=tuple(ToGrid(stage=t.stage, grid=t.grid) for t in to_grid),
+        from_grid=tuple(FromGrid(source=f.source, stage=f.stage) for f in from_grid),
+        final_tokens=final_tokens,
+    )

@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from ..errors import TokenReduceError
 from .graph import data_args, data_graph, is_add, is_cat, node_path, shape_of
-from .model_map import Attention, Block
+from ._found import FoundAttention, FoundBlock
 
 __all__ = ["find_blocks"]
 
@@ -73,7 +73,7 @@ def _prefix_count(entry: fx.Node, image: set[fx.Node]) -> tuple[int, bool]:
         node = same[0]
 
 
-def find_blocks(gm: fx.GraphModule, attentions: list[Attention]) -> tuple[list[Block], list[str]]:
+def find_blocks(gm: fx.GraphModule, attentions: list[FoundAttention]) -> tuple[list[FoundBlock], list[str]]:
     """Group the graph into blocks, one per attention, in execution order.
 
     Returns the blocks and notes on attention that could not be placed in a block.
@@ -104,7 +104,7 @@ def find_blocks(gm: fx.GraphModule, attentions: list[Attention]) -> tuple[list[B
         path = node_path(x1) or where.rsplit(".", 1)[0]
         raw.append((att, x1, entry, exit_, path))
 
-    blocks: list[Block] = []
+    blocks: list[FoundBlock] = []
     stage, prefix, has_cls = -1, 0, False
     for i, (att, x1, entry, exit_, path) in enumerate(raw):
         if i == 0 or raw[i - 1][3] is not entry:
@@ -112,7 +112,7 @@ def find_blocks(gm: fx.GraphModule, attentions: list[Attention]) -> tuple[list[B
             prefix, has_cls = _prefix_count(entry, image)
         shape = shape_of(entry)
         blocks.append(
-            Block(
+            FoundBlock(
                 index=i, path=path, stage=stage, entry=entry, attn=att, attn_residual=x1,
                 exit=exit_, num_prefix=prefix, has_class_token=has_cls, num_tokens=shape[1], dim=shape[2],
             )

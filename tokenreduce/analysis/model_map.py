@@ -1,29 +1,28 @@
-"""The ModelMap: what analysis found in a traced model, as plain typed records."""
+"""The ModelMap: what analysis found in a traced model, as plain typed records.
+
+Plain data only (names, ints, shapes): it pickles, and it cannot go stale when a pass rewrites
+the graph. The passes find their nodes by the marks analysis left (:mod:`tokenreduce.anchors`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch.fx as fx
-
-__all__ = ["Attention", "Block", "ModelMap"]
+__all__ = ["Attention", "Block", "ModelMap", "ToGrid", "FromGrid"]
 
 
 @dataclass(frozen=True)
 class Attention:
     """One self-attention in the graph.
 
-    ``kind`` is ``"sdpa"`` (a ``scaled_dot_product_attention`` call: ``node`` is that call) or
-    ``"softmax"`` (an explicit ``softmax(q @ k^T * scale)``: ``node`` is the softmax, whose
-    output holds the probabilities). ``q`` and ``k`` are (B, H, N, d) nodes; ``scale`` is the
-    logit scale (None for sdpa's default ``d ** -0.5``).
+    ``kind`` is ``"sdpa"`` (a ``scaled_dot_product_attention`` call) or ``"softmax"`` (an
+    explicit ``softmax(q @ k^T * scale)``, whose output holds the probabilities); ``node`` names
+    that node as analysis saw it (for messages). ``scale`` is the logit scale (None for sdpa's
+    default ``d ** -0.5``).
     """
 
     kind: str
-    node: fx.Node
-    q: fx.Node
-    k: fx.Node
-    v: fx.Node | None
+    node: str
     scale: float | None
     num_heads: int
     head_dim: int
@@ -38,7 +37,8 @@ class Attention:
 
 @dataclass(frozen=True)
 class Block:
-    """A pre-norm residual block: ``x1 = entry + f(attn(...)); exit = x1 + g(x1)``.
+    """A pre-norm residual block: ``x1 = entry + f(attn(...)); exit = x1 + g(x1)`` (the graph
+    marks ``entry``, ``attn_residual`` (x1) and ``exit`` with this block's index).
 
     ``index`` counts blocks over the whole model in execution order; ``stage`` numbers the runs
     of consecutive blocks that share one token stream (a plain ViT has one stage; PVT has four).
@@ -50,10 +50,7 @@ class Block:
     index: int
     path: str
     stage: int
-    entry: fx.Node
     attn: Attention
-    attn_residual: fx.Node
-    exit: fx.Node
     num_prefix: int
     has_class_token: bool
     num_tokens: int
@@ -65,6 +62,24 @@ class Block:
 
 
 @dataclass(frozen=True)
+class ToGrid:
+    """Tokens of ``stage`` laid on an H x W ``grid`` by a spatial operator (graph mark
+    ``("to_grid", i)`` for the i-th of the model map's ``to_grid``)."""
+
+    stage: int
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class FromGrid:
+    """Tokens computed on the grid of ``to_grid[source]`` flowing back into ``stage``'s stream
+    (graph mark ``("from_grid", i)``)."""
+
+    source: int
+    stage: int
+
+
+@dataclass(frozen=True)
 class ModelMap:
     """Everything the planner and the passes need to know about a traced model."""
 
@@ -72,8 +87,9 @@ class ModelMap:
     blocks: tuple[Block, ...]
     example_shape: tuple[int, ...]
     notes: tuple[str, ...] = field(default=())
-    to_grid: tuple = field(default=())  # analysis.spatial.ToGrid
-    from_grid: tuple = field(default=())  # analysis.spatial.FromGrid
+    to_grid: tuple[ToGrid, ...] = field(default=())
+    from_grid: tuple[FromGrid, ...] = field(default=())
+    final_tokens: tuple[int, ...] | None = None  # (N, C) of the final tokens before pooling, if found
 
     def block(self, index: int) -> Block:
         return self.blocks[index]

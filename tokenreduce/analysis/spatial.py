@@ -14,8 +14,6 @@ No per-model code: both are found by shape and data flow.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -23,33 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import data_args, data_graph, shape_of
-from .model_map import Block
+from ._found import FoundBlock, FoundFromGrid, FoundToGrid
 
-__all__ = ["ToGrid", "FromGrid", "find_spatial"]
+__all__ = ["find_spatial"]
 
 _LAYOUT_METHODS = {"transpose", "permute", "contiguous", "reshape", "view", "flatten"}
 _LAYOUT_FNS = {torch.transpose, torch.permute, torch.reshape, torch.flatten}
 _SPATIAL_MODULES = (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _SPATIAL_FNS = {F.conv2d, F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d, F.interpolate}
-
-
-@dataclass(frozen=True)
-class ToGrid:
-    """``src`` (B, n, C) tokens laid on an H x W grid by the chain starting at ``head``."""
-
-    src: fx.Node
-    head: fx.Node
-    stage: int
-    grid: tuple[int, int]
-
-
-@dataclass(frozen=True)
-class FromGrid:
-    """``node`` (B, H * W, C): tokens computed on the grid of ``ToGrid`` number ``source``."""
-
-    node: fx.Node
-    source: int
-    stage: int
 
 
 def _is_layout(node: fx.Node) -> bool:
@@ -64,7 +43,7 @@ def _is_spatial(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _SPATIAL_FNS
 
 
-def _stage_of(node: fx.Node, blocks: tuple[Block, ...], order: dict) -> int:
+def _stage_of(node: fx.Node, blocks: tuple[FoundBlock, ...], order: dict) -> int:
     """The stage of the last block whose entry precedes ``node`` (-1: before every block)."""
     stage = -1
     for b in blocks:
@@ -73,12 +52,12 @@ def _stage_of(node: fx.Node, blocks: tuple[Block, ...], order: dict) -> int:
     return stage
 
 
-def find_spatial(gm: fx.GraphModule, blocks: tuple[Block, ...]) -> tuple[tuple[ToGrid, ...], tuple[FromGrid, ...]]:
+def find_spatial(gm: fx.GraphModule, blocks: tuple[FoundBlock, ...]) -> tuple[tuple[FoundToGrid, ...], tuple[FoundFromGrid, ...]]:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     dg = data_graph(graph)
     image = nx.descendants(dg, next(n for n in graph.nodes if n.op == "placeholder"))
-    to_grid: list[ToGrid] = []
+    to_grid: list[FoundToGrid] = []
     for node in graph.nodes:
         shape = shape_of(node)
         if shape is None or len(shape) != 4 or not _is_layout(node):
@@ -103,11 +82,11 @@ def find_spatial(gm: fx.GraphModule, blocks: tuple[Block, ...]) -> tuple[tuple[T
             continue
         if _stage_of(src[0], blocks, order) < 0:
             continue  # the stem, before any block
-        to_grid.append(ToGrid(src=src[0], head=chain[-1], stage=_stage_of(src[0], blocks, order), grid=(h, w)))
+        to_grid.append(FoundToGrid(src=src[0], head=chain[-1], stage=_stage_of(src[0], blocks, order), grid=(h, w)))
 
     below = [nx.descendants(dg, t.head) for t in to_grid]
     stage_exit = {b.stage: b.exit for b in blocks}
-    from_grid: list[FromGrid] = []
+    from_grid: list[FoundFromGrid] = []
     for node in graph.nodes:
         shape = shape_of(node)
         if shape is None or len(shape) != 3 or not _is_layout(node) or any(_is_layout(u) for u in node.users):
@@ -117,7 +96,7 @@ def find_spatial(gm: fx.GraphModule, blocks: tuple[Block, ...]) -> tuple[tuple[T
             exit_ = stage_exit[t.stage]
             if (node in below[i] and shape[1] == t.grid[0] * t.grid[1] and order[node] < order[exit_]
                     and exit_ in nx.descendants(dg, node) and _is_layout_from_grid(gm, node)):
-                from_grid.append(FromGrid(node=node, source=i, stage=t.stage))
+                from_grid.append(FoundFromGrid(node=node, source=i, stage=t.stage))
                 break
     return tuple(to_grid), tuple(from_grid)
 

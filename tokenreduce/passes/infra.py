@@ -1,4 +1,5 @@
-"""What every pass shares: lint and recompile on the way out, and errors that name the node."""
+"""What every pass shares: lint and recompile on the way out, a record of the passes that ran,
+preconditions checked in code, and errors that name the node and the passes before."""
 
 from __future__ import annotations
 
@@ -7,19 +8,36 @@ from typing import Callable
 
 import torch.fx as fx
 
+from ..anchors import META_KEY
 from ..errors import TokenReduceError
 
-__all__ = ["graph_pass", "tag", "tags"]
+__all__ = ["graph_pass", "require", "tag", "tags", "passes_run"]
 
-META_KEY = "tokenreduce"
+HISTORY_KEY = "tokenreduce_passes"
+
+
+def passes_run(gm: fx.GraphModule) -> list[str]:
+    """Names of the passes that ran on ``gm``, in order."""
+    return list(gm.meta.get(HISTORY_KEY, ()))
+
+
+def require(gm: fx.GraphModule, pass_name: str, *needed: str) -> None:
+    """Raise a TokenReduceError unless every pass in ``needed`` already ran on ``gm``."""
+    missing = [p for p in needed if p not in passes_run(gm)]
+    if missing:
+        raise TokenReduceError(
+            f"pass {pass_name} expects {', '.join(missing)} to have run first "
+            f"(ran so far: {', '.join(passes_run(gm)) or 'none'})"
+        )
 
 
 def graph_pass(fn: Callable[..., fx.GraphModule]) -> Callable[..., fx.GraphModule]:
-    """Decorate a ``GraphModule -> GraphModule`` pass: lint + recompile after it, and wrap any
-    failure in a TokenReduceError that names the pass."""
+    """Decorate a ``GraphModule -> GraphModule`` pass: lint + recompile after it, record it in
+    ``gm.meta``, and wrap any failure in a TokenReduceError naming the pass and those before."""
 
     @functools.wraps(fn)
     def run(gm: fx.GraphModule, *args, **kwargs) -> fx.GraphModule:
+        before = passes_run(gm)
         try:
             out = fn(gm, *args, **kwargs)
             out.graph.lint()
@@ -30,9 +48,11 @@ def graph_pass(fn: Callable[..., fx.GraphModule]) -> Callable[..., fx.GraphModul
             node = getattr(exc, "node", None)  # fx lint errors and some passes carry the node
             where = f" at {node.format_node()}" if isinstance(node, fx.Node) else ""
             raise TokenReduceError(
-                f"pass {fn.__name__} failed{where}: {type(exc).__name__}: {exc}. This is a tokenreduce "
-                f"bug or an unsupported graph shape; tokenreduce.inspect(model) shows what analysis found."
+                f"pass {fn.__name__} failed{where} (after {', '.join(before) or 'no other pass'}): "
+                f"{type(exc).__name__}: {exc}. This is a tokenreduce bug or an unsupported graph shape; "
+                f"tokenreduce.inspect(model) shows what analysis found."
             ) from exc
+        out.meta[HISTORY_KEY] = [*before, fn.__name__]
         return out
 
     return run

@@ -1,4 +1,4 @@
-"""Pass: insert one :class:`ReductionSite` call per site of the plan."""
+"""Pass: insert one :class:`~tokenreduce.runtime.ReductionSite` call per site of the plan."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import operator
 import torch.fx as fx
 from torch import nn
 
+from ..anchors import find
 from ..analysis import ModelMap
+from ..errors import TokenReduceError
 from ..plan import Plan
 from .infra import graph_pass, tag
 
@@ -18,13 +20,11 @@ __all__ = ["insert_sites"]
 def insert_sites(gm: fx.GraphModule, model_map: ModelMap, plan: Plan, modules: list[nn.Module]) -> fx.GraphModule:
     """Insert the reduction of every site; mutates and returns ``gm``.
 
-    Expects: ``gm`` is the graph ``model_map`` was computed from; ``modules[i]`` serves
-    ``plan.sites[i]``. Guarantees: after site i the stream carries ``P + sites[i].n_out`` tokens
-    for the example input (P prefix tokens, untouched); every later user of the stream reads the
-    reduced tensor; sites of one stage are chained through a ``TokenState``. Nodes are tagged in
-    ``node.meta["tokenreduce"]``: the site call (``site``), its state (``state_of``), and each
-    block's attention query (``block``, ``role="query"``) and residual adds
-    (``role="attn_residual"`` / ``"exit"``).
+    Expects: ``gm`` carries the marks of the analysis ``model_map`` describes; ``modules[i]``
+    serves ``plan.sites[i]``; no site inserted yet. Guarantees: after site i the stream carries
+    ``P + sites[i].n_out`` tokens for the example input (P prefix tokens, untouched); every later
+    user of the stream reads the reduced tensor; sites of one stage are chained through a
+    ``TokenState``. The site call is tagged ``site``, its state ``state_of`` (with its ``stage``).
 
     Generated code, eTPS at block 3 (placement after attention)::
 
@@ -38,21 +38,25 @@ def insert_sites(gm: fx.GraphModule, model_map: ModelMap, plan: Plan, modules: l
 
     dTPS (placement before) anchors on the block's entry instead, so the whole block runs reduced.
     """
+    if hasattr(gm, "reduce_sites"):
+        raise TokenReduceError("pass insert_sites: the graph already has reduction sites (`reduce_sites`)")
+    if len(modules) != len(plan.sites):
+        raise TokenReduceError(f"pass insert_sites: {len(modules)} modules for {len(plan.sites)} sites")
     graph = gm.graph
     gm.add_submodule("reduce_sites", nn.ModuleList(modules))
-    for block in model_map.blocks:
-        tag(block.attn.q, block=block.index, role="query")
-        tag(block.attn_residual, block=block.index, role="attn_residual")
-        tag(block.exit, block=block.index, role="exit")
-
     last_state: dict[int, fx.Node] = {}
     for site in plan.sites:
         block = model_map.block(site.block)
-        anchor = block.entry if site.placement == "before" else block.attn_residual
+        anchor = find(graph, "entry" if site.placement == "before" else "attn_residual", block.index,
+                      user="pass insert_sites")
         kwargs = {}
         if site.placement == "after_attn":
-            att = block.attn
-            kwargs = {"q": att.q, "k": att.k, "scale": att.scale} if att.kind == "sdpa" else {"probs": att.node}
+            att = find(graph, "attn", block.index, user="pass insert_sites")
+            if block.attn.kind == "sdpa":
+                q, k = (find(graph, r, block.index, user="pass insert_sites") for r in ("q", "k"))
+                kwargs = {"q": q, "k": k, "scale": block.attn.scale}
+            else:
+                kwargs = {"probs": att}
         with graph.inserting_after(anchor):
             call = graph.call_module(f"reduce_sites.{site.index}", (anchor, last_state.get(site.stage)), kwargs)
         with graph.inserting_after(call):

@@ -1,0 +1,41 @@
+"""Attention that reads a site's keep policy (the training form of learned scorers)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..errors import TokenReduceError
+from .state import TokenState
+
+__all__ = ["attend", "masked_probs"]
+
+
+def _policy(keep: Tensor, num_prefix: int) -> Tensor:
+    """(B, P + n) policy: prefix tokens always alive, then the keep mask (B, n, 1)."""
+    prefix = keep.new_ones(keep.shape[0], num_prefix)
+    return torch.cat([prefix, keep[..., 0]], dim=1)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, state: TokenState | None, num_prefix: int, **sdpa_kwargs) -> Tensor:
+    """``F.scaled_dot_product_attention`` unless ``state`` holds a training keep mask; then the
+    policy-masked attention (keys masked, self always visible, float32): (B, H, N, d) each.
+    In eval the call is exactly the original one."""
+    keep = None if state is None else state.keep
+    if keep is None:
+        return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+    if sdpa_kwargs.get("attn_mask") is not None or sdpa_kwargs.get("is_causal"):
+        raise TokenReduceError("attend: an attention mask or causal attention cannot be combined with a keep policy")
+    scale = sdpa_kwargs.get("scale") or q.shape[-1] ** -0.5
+    return ops.policy_attention(q, k, v, _policy(keep, num_prefix), scale)
+
+
+def masked_probs(scores: Tensor, probs: Tensor, state: TokenState | None, num_prefix: int) -> Tensor:
+    """The model's own softmax ``probs`` unless ``state`` holds a training keep mask; then the
+    policy softmax of the pre-softmax ``scores`` (B, H, N, N)."""
+    keep = None if state is None else state.keep
+    if keep is None:
+        return probs
+    return ops.policy_softmax(scores, _policy(keep, num_prefix))
