@@ -1,16 +1,21 @@
 """Train mode: dTPS masks, gradients through them, aux decisions, and the inference graph."""
 
+import dataclasses
+
 import timm
 import torch
+from oracle_train import oracle_squeeze_masked
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import tokenreduce
+from tokenreduce.ops.squeeze import SELF_WEIGHT, cosine
 
 
 def test_gradients_reach_the_score_heads_through_the_masks():
     model = timm.create_model("deit_tiny_patch16_224", img_size=96)
     reduced = tokenreduce.apply(model, method="dtps", aux=True).train()
-    out, keeps = reduced(torch.randn(4, 3, 96, 96))
+    out, aux = reduced(torch.randn(4, 3, 96, 96))
+    keeps = aux.keeps
     assert out.shape == (4, 1000) and len(keeps) == 3
     for k in keeps:
         assert k.shape == (4, 36) and set(k.unique().tolist()) <= {0.0, 1.0}
@@ -49,14 +54,14 @@ def test_aux_keep_ratios_learn_the_cumulative_targets():
     targets = torch.tensor([0.7, 0.49, 0.343])
     x = torch.randn(16, 3, 96, 96)
     for _ in range(60):
-        _, keeps = reduced(x)
+        keeps = reduced(x)[1].keeps
         ratios = torch.stack([k.mean(1) for k in keeps])  # (sites, B)
         loss = ((ratios - targets[:, None]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        means = torch.stack([torch.stack([k.mean() for k in reduced(x)[1]]) for _ in range(8)]).mean(0)
+        means = torch.stack([torch.stack([k.mean() for k in reduced(x)[1].keeps]) for _ in range(8)]).mean(0)
     torch.testing.assert_close(means, targets, atol=0.06, rtol=0)
 
 
@@ -108,3 +113,78 @@ def test_inference_graph_keeps_the_fused_attention():
     reduced = tokenreduce.apply(model, method="dtps", keep_ratio=0.5).train()
     square, _ = _square_softmaxes(reduced, x)
     assert len(square) == 9
+
+
+# --- the training-form squeeze's gradient, through a whole model (issue 15) -----------------
+
+
+def _previous_squeeze_masked(x, keep, pruned_now):
+    """The training form before issue 15 (kept here to show the test below can fail): a token may
+    host itself, weights exp(c) * pruned_now, and the fused update mixed in as ``x + keep * u``."""
+    B, n, C = x.shape
+    cos = cosine(x, x)
+    host = cos.masked_fill(keep.transpose(1, 2) <= 0.5, float("-inf")).argmax(dim=-1)  # (B, n)
+    weight = cos.gather(-1, host.unsqueeze(-1)).exp() * pruned_now  # (B, n, 1)
+    flat = (host + torch.arange(B).unsqueeze(-1) * n).reshape(-1)
+    x_host = x.gather(1, host.unsqueeze(-1).expand(-1, -1, C))
+    delta = x.new_zeros(B * n, C).index_add(0, flat, (weight * (x - x_host)).reshape(B * n, C))
+    den = x.new_full((B * n, 1), SELF_WEIGHT).index_add(0, flat, weight.reshape(B * n, 1))
+    return x + keep * (delta / den).reshape(B, n, C)
+
+
+def _register_dtps_with(name, masked):
+    """Register dTPS with ``masked`` as its squeeze's training form; returns the cleanup."""
+    dtps = tokenreduce.get_method("dtps")
+    reducer = tokenreduce.register_reducer(dataclasses.replace(dtps.reducer, name=name, masked=masked))
+    tokenreduce.register_method(name, scorer=dtps.scorer, reducer=reducer, placement=dtps.placement,
+                                counts=dtps.counts)
+    return lambda: (tokenreduce.unregister_method(name), tokenreduce.unregister_reducer(name))
+
+
+def _train_grads(reduced, x, seed):
+    """Logits and every parameter's gradient of one train-mode step, the Gumbel noise from ``seed``."""
+    torch.manual_seed(seed)
+    out, aux = reduced(x)
+    keeps = aux.keeps
+    g = torch.Generator().manual_seed(1)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    loss = loss + 2 * sum((k.mean(1) - 0.5).square().mean() for k in keeps)
+    reduced.zero_grad(set_to_none=True)
+    loss.backward()
+    return out.detach(), {n: p.grad for n, p in reduced.named_parameters() if p.grad is not None}
+
+
+def test_score_head_gradients_equal_the_authors_training_squeeze():
+    """Same weights, same Gumbel noise: a train-mode dTPS ViT (float64) gives the same logits and
+    the same gradients, score heads included, as with the oracle's squeeze substituted; the
+    previous training form gives the same logits but other score-head gradients."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=4, embed_dim=48, num_heads=3,
+                              num_classes=10).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    ours = tokenreduce.apply(model, method="dtps", locs=[1, 2], keep_ratio=0.6, aux=True,
+                             example_input=x).train()
+    results = {}
+    for name, masked in (("dtps_oracle", oracle_squeeze_masked), ("dtps_previous", _previous_squeeze_masked)):
+        cleanup = _register_dtps_with(name, masked)
+        try:
+            other = tokenreduce.apply(model, method=name, locs=[1, 2], keep_ratio=0.6, aux=True,
+                                      example_input=x).train()
+            other.load_state_dict(ours.state_dict())
+            results[name] = _train_grads(other, x, seed=3)
+        finally:
+            cleanup()
+    out, grads = _train_grads(ours, x, seed=3)
+    heads = [n for n in grads if "reduce_sites" in n]
+    assert heads and all(grads[n].abs().sum() > 0 for n in heads)
+
+    ref_out, ref_grads = results["dtps_oracle"]
+    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-6, atol=1e-6 * float(ref_grads[n].abs().max()),
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
+    old_out, old_grads = results["dtps_previous"]
+    torch.testing.assert_close(old_out, ref_out, rtol=1e-9, atol=1e-12)  # same forward
+    rel = [float((old_grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in heads]
+    assert max(rel) > 0.1, rel

@@ -4,7 +4,10 @@ Two spellings are recognised, with no per-model adapter:
 
 * ``F.scaled_dot_product_attention(q, k, v, ...)``: the fused kernel (timm's default);
 * ``softmax(q @ k.transpose(-2, -1) * scale [+ bias], dim=-1)``: an explicit attention; the
-  softmax node is recorded, since its output is the probability matrix.
+  softmax node is recorded, since its output is the probability matrix. The scale may come
+  before the product (``(q * scale) @ k^T``, timm's ``fused_attn=False``) or after it, and any
+  shape-preserving ops may sit between the product and the softmax (casts, a broadcast bias, a
+  mask, or a traced-opaque helper such as timm's ``maybe_add_mask``).
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph import data_args, shape_of
-from .model_map import Attention
+from ._found import FoundAttention as Attention
 
 __all__ = ["find_attention"]
 
 _SDPA = {F.scaled_dot_product_attention, getattr(torch._C._nn, "scaled_dot_product_attention", None)}
 _SOFTMAX_FNS = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _MATMUL_FNS = {operator.matmul, torch.matmul, torch.bmm}
-# ops allowed between the q @ k^T product and the softmax: scaling, bias, casts
-_SCORE_FNS = {operator.mul, operator.truediv, operator.add, torch.mul, torch.add, torch.div}
-_SCORE_METHODS = {"mul", "div", "add", "float", "to", "type_as", "mul_", "add_", "div_"}
+_MUL_FNS = {operator.mul, torch.mul, operator.imul}
+_DIV_FNS = {operator.truediv, torch.div, torch.true_divide, operator.itruediv}
+# how far back from the softmax the q @ k^T product may be
+_MAX_SCORE_OPS = 8
 
 
 def _arg(node: fx.Node, i: int, name: str):
@@ -82,29 +86,79 @@ def _sdpa(node: fx.Node) -> Attention | None:
     )
 
 
-def _explicit(softmax: fx.Node) -> Attention | None:
-    node = softmax.args[0]
-    for _ in range(6):  # walk back over scale / bias / cast to the q @ k^T product
-        if not isinstance(node, fx.Node):
-            return None
-        if _is_matmul(node):
-            break
-        is_score_op = (node.op == "call_function" and node.target in _SCORE_FNS) or (
-            node.op == "call_method" and node.target in _SCORE_METHODS
-        )
-        if not is_score_op:
-            return None
-        # follow the operand that has the scores' shape (a bias may broadcast)
-        same = [a for a in data_args(node) if shape_of(a) == shape_of(softmax)]
-        if len(same) != 1:
-            return None
-        node = same[0]
+def _is_number(a: object) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _factor(node: fx.Node) -> float | None | bool:
+    """What ``node`` multiplies its tensor operand by: a float for ``x * c``, ``c * x`` or ``x / c``
+    with a Python number ``c``; None for a product or quotient by a tensor (an unknown factor);
+    False for any other op (no factor)."""
+    if node.op == "call_function":
+        is_mul, is_div = node.target in _MUL_FNS, node.target in _DIV_FNS
+    elif node.op == "call_method":
+        is_mul, is_div = node.target in ("mul", "mul_"), node.target in ("div", "div_", "true_divide")
     else:
+        return False
+    if not (is_mul or is_div) or len(node.args) != 2:
+        return False
+    a, b = node.args
+    if is_mul and (_is_number(a) or _is_number(b)):
+        return float(a if _is_number(a) else b)
+    if is_div and _is_number(b) and b != 0:
+        return 1.0 / float(b)
+    return None
+
+
+def _times(scale: float | None, factor: float | None | bool) -> float | None:
+    if factor is False:
+        return scale
+    return None if scale is None or factor is None else scale * factor
+
+
+def _score_product(node: object, shape: tuple[int, ...], depth: int) -> tuple[fx.Node, float | None] | None:
+    """Walk back from a softmax's input to the ``q @ k^T`` product that the scores come from.
+
+    Every op on the way must keep the scores' ``shape`` (B, H, N, N); at each op the walk follows
+    the operands of that shape (a bias or mask may broadcast; one of full shape that leads to no
+    product, such as a learned bias, is a dead end). Returns the product and the numeric factor
+    applied on the way (1.0 for none, None when a tensor factor makes it unknown).
+    """
+    if depth < 0 or not isinstance(node, fx.Node) or shape_of(node) != shape:
         return None
+    if _is_matmul(node):
+        return node, 1.0
+    if node.op not in ("call_function", "call_method") or _is_softmax(node):
+        return None
+    for arg in data_args(node):
+        found = _score_product(arg, shape, depth - 1)
+        if found is not None:
+            return found[0], _times(found[1], _factor(node))
+    return None
+
+
+def _unscaled(q: fx.Node) -> tuple[fx.Node, float | None | bool]:
+    """``(q0, c)`` for a query computed as ``q0 * c`` (a Python number, as timm scales q first),
+    else ``(q, False)``."""
+    factor = _factor(q)
+    if isinstance(factor, float):
+        inner = [a for a in data_args(q) if shape_of(a) == shape_of(q)]
+        if len(inner) == 1:
+            return inner[0], factor
+    return q, False
+
+
+def _explicit(softmax: fx.Node) -> Attention | None:
+    found = _score_product(softmax.args[0], shape_of(softmax), _MAX_SCORE_OPS)
+    if found is None:
+        return None
+    node, scale = found
     q, kt = node.args[0], node.args[1]
     k = _untranspose(kt) if isinstance(kt, fx.Node) else None
     if not (isinstance(q, fx.Node) and isinstance(k, fx.Node)) or len(shape_of(q) or ()) < 3:
         return None
+    q, factor = _unscaled(q)
+    scale = _times(scale, factor)
     v = None
     for user in softmax.users:  # probabilities (maybe after dropout) @ v
         cur = user
@@ -114,7 +168,7 @@ def _explicit(softmax: fx.Node) -> Attention | None:
             v = cur.args[1]
     heads, nq, d = _heads(q)
     return Attention(
-        kind="softmax", node=softmax, q=q, k=k, v=v, scale=None,
+        kind="softmax", node=softmax, q=q, k=k, v=v, scale=scale,
         num_heads=heads, head_dim=d, num_queries=nq, num_keys=shape_of(k)[-2],
     )
 
