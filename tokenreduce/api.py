@@ -37,7 +37,9 @@ def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tens
     size = cfg.get("input_size")
     embed = getattr(model, "patch_embed", None)
     img_size = getattr(embed, "img_size", None)
-    in_chans = getattr(getattr(embed, "proj", None), "in_channels", None)
+    first = cfg.get("first_conv")  # the input convolution, as timm's config names it
+    conv = model.get_submodule(first) if isinstance(first, str) and first in dict(model.named_modules()) else None
+    in_chans = getattr(conv if conv is not None else getattr(embed, "proj", None), "in_channels", None)
     if size is None:
         raise ValueError(
             f"example_input: {type(model).__name__} has no timm pretrained_cfg['input_size']; pass "

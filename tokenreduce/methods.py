@@ -287,3 +287,6 @@ register_method("etps", scorer="cls_attention", reducer="squeeze", placement="af
 register_method("evit", scorer="cls_attention", reducer="fuse", placement="after_attn", counts="per_site")
 register_method("dtps", scorer="learned", reducer="squeeze", placement="before", counts="cumulative")
 register_method("dynamicvit", scorer="learned", reducer="drop", placement="before", counts="cumulative")
+
+# The paper's ablation variants (1:1 matching, average fusing, random division) register too.
+from . import ablations  # noqa: E402, F401

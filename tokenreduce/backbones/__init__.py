@@ -2,18 +2,31 @@
 
 Importing this package registers the models with timm, so ``timm.create_model`` builds them:
 ``pvt_tiny``, ``pvt_small``, ``pvt_medium``, ``pvt_large`` (PVT v1) and ``cvt_13``, ``cvt_21``
-(CvT). Official checkpoints of both families load through ``checkpoint_filter_fn``.
+(CvT), ``lvvit_t``, ``lvvit_s``, ``lvvit_m`` (LV-ViT) and ``psvit_ti_14``, ``psvit_b_14``,
+``psvit_b_18`` (PS-ViT). Official PVT and CvT checkpoints load through ``checkpoint_filter_fn``;
+LV-ViT and PS-ViT ones through their modules' own (``lvvit.checkpoint_filter_fn``,
+``psvit.checkpoint_filter_fn``), which their timm entries use.
 """
 from .checkpoint import checkpoint_filter_fn
 from .cvt import ConvolutionalVisionTransformer, cvt_13, cvt_21
+from .lvvit import LVViT, lvvit_m, lvvit_s, lvvit_t
+from .psvit import PSViT, psvit_b_14, psvit_b_18, psvit_ti_14
 from .pvt import PyramidVisionTransformer, pvt_large, pvt_medium, pvt_small, pvt_tiny
 
 __all__ = [
     "ConvolutionalVisionTransformer",
+    "LVViT",
+    "PSViT",
     "PyramidVisionTransformer",
     "checkpoint_filter_fn",
     "cvt_13",
     "cvt_21",
+    "lvvit_m",
+    "lvvit_s",
+    "lvvit_t",
+    "psvit_b_14",
+    "psvit_b_18",
+    "psvit_ti_14",
     "pvt_large",
     "pvt_medium",
     "pvt_small",
