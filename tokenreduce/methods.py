@@ -210,7 +210,7 @@ def register_method(
 
 def _get(table: dict, kind: str, name: object):
     if not isinstance(name, str) or name not in table:
-        raise ValueError(f"{kind}: unknown {kind} {name!r}; known: {', '.join(sorted(table))}")
+        raise ValueError(f"{kind}: unknown {kind} {name!r}; known {kind}s: {', '.join(sorted(table))}")
     return table[name]
 
 
