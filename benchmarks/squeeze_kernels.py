@@ -37,7 +37,8 @@ HOSTS = [(p, r, c, w, s) for p in (32, 64, 128) for r, c, w, s in  # (BLOCK_P, B
 FUSE = [  # (BLOCK_R, BLOCK_C, ROW_TILES, warps, stages); BLOCK_P: _block_p
     (32, 64, 1, 4, 2), (32, 32, 1, 4, 2), (16, 64, 1, 4, 2), (32, 128, 1, 4, 2), (64, 64, 1, 8, 2), (32, 64, 2, 4, 2)]
 UPDATE = [(p, r, c, w, s) for p in (128, 64, 32) for r, c, w, s in  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
-          ((32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (64, 32, 4, 3))]
+          ((32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2),
+           (64, 32, 4, 3))]
 
 
 def hosts(x, kept, pruned, P, keys, cfg):
@@ -101,7 +102,8 @@ def main() -> int:
             for cfg in HOSTS if "hosts" in args.sweep else [(st._block_p(Np), *st._HOSTS_CONFIGS[0])]:
                 hosts(x, kept, pruned, P, keys, cfg)
                 if not torch.equal(st._hosts_of(keys), st._hosts_of(ref_keys)):
-                    row["differs"].append(["hosts", cfg, (st._hosts_of(keys) != st._hosts_of(ref_keys)).float().mean().item()])
+                    off = (st._hosts_of(keys) != st._hosts_of(ref_keys)).float().mean().item()
+                    row["differs"].append(["hosts", cfg, off])
                 row["hosts"][str(cfg)] = bench(lambda: hosts(x, kept, pruned, P, keys, cfg))
             y = torch.empty_like(ref)
             for cfg in FUSE if "fuse" in args.sweep else st._FUSE_CONFIGS:
@@ -121,8 +123,9 @@ def main() -> int:
             hb = min(row["hosts"].items(), key=lambda kv: kv[1])
             fb = min(row["fuse"].items(), key=lambda kv: kv[1], default=("-", math.nan))
             ub = min(row["update"].items(), key=lambda kv: kv[1])
-            print(f"{label:<11} {dtype_name:<8} {row['copy_us']:5.1f} {row['default_us']:7.1f} | {h0:5.1f} {hb[1]:5.1f} "
-                  f"{hb[0]:<22} | {f0:5.1f} {fb[1]:5.1f} {fb[0]:<24} | {ub[1]:5.1f} {ub[0]:<22}" + (f" differs {len(row['differs'])}" if row["differs"] else ""),
+            differs = f" differs {len(row['differs'])}" if row["differs"] else ""
+            print(f"{label:<11} {dtype_name:<8} {row['copy_us']:5.1f} {row['default_us']:7.1f} | {h0:5.1f} "
+                  f"{hb[1]:5.1f} {hb[0]:<22} | {f0:5.1f} {fb[1]:5.1f} {fb[0]:<24} | {ub[1]:5.1f} {ub[0]:<22}{differs}",
                   flush=True)
     with open(os.path.join(args.out, "squeeze-kernels.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
