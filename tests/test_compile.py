@@ -75,31 +75,3 @@ def test_inductor_matches_eager():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), reduced(x), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("impl", ["op", "inline"])
-def test_squeeze_impl_chooses_operator_or_inlined_reference(impl):
-    """set_squeeze_impl("inline") hands Inductor the reference's plain ops instead of the opaque
-    tokenreduce::squeeze_tokens node; the output is the same either way."""
-    from tokenreduce.ops import set_squeeze_impl
-
-    (case,) = [c for c in CASES if c.id == "deit_small_patch16_224-etps"]
-    model, x = build(*case.values[1:3])
-    reduced = tokenreduce.apply(model, method="etps", keep_ratio=0.5, example_input=x).eval()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    set_squeeze_impl(impl)
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(torch.compile(reduced, fullgraph=True, backend=backend)(x), reduced(x),
-                                       rtol=1e-5, atol=1e-5)
-    finally:
-        set_squeeze_impl("op")
-        torch._dynamo.reset()
-    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "squeeze_tokens" in str(n.target)]
-    assert len(calls) == (3 if impl == "op" else 0)

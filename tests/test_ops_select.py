@@ -1,5 +1,7 @@
 """Token selection (ops/select.py) and the baseline reducers (ops/reduce.py)."""
 
+import math
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -64,6 +66,46 @@ def test_topk_split_equals_a_stable_sort(B, n, data):
         scores = torch.tensor(_SPECIAL, dtype=dtype)[torch.randint(0, len(_SPECIAL), (B, n), generator=gen)]
     for got, expected in zip(topk_split(scores, k), _split_by_sort(scores, k)):
         assert torch.equal(got, expected)
+
+
+def _split_by_rule(scores, k):
+    """The documented ranking, one row at a time in Python: NaN below every number, equal scores
+    (and NaNs) by index, lower first; then each half sorted by index."""
+    kept, pruned = [], []
+    for row in scores.double().tolist():
+        order = sorted(range(len(row)), key=lambda i: (math.isnan(row[i]), -row[i] if row[i] == row[i] else 0, i))
+        kept.append(sorted(order[:k]))
+        pruned.append(sorted(order[k:]))
+    return torch.tensor(kept, dtype=torch.int64), torch.tensor(pruned, dtype=torch.int64).reshape(len(kept), -1)
+
+
+@settings(max_examples=100)
+@given(st.integers(2, 3), st.integers(1, 300), st.data())
+def test_topk_split_nan_and_inf_in_one_image(B, n, data):
+    """NaN, +-inf and huge scores in image 0 (a bad pixel): a valid partition by the rule there,
+    and every other image split exactly as on its own."""
+    k = data.draw(st.integers(1, n))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    scores = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    special = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 1e30, -1e30], dtype=torch.float64)
+    where = torch.rand(n, generator=gen) < data.draw(st.sampled_from([0.1, 0.5, 1.0]))
+    scores[0, where] = special[torch.randint(0, len(special), (int(where.sum()),), generator=gen)]
+    scores = scores.to(dtype)
+    kept, pruned = topk_split(scores, k)
+    for got, expected in zip((kept, pruned), _split_by_rule(scores, k)):
+        assert torch.equal(got, expected)
+    for b in range(1, B):
+        alone = topk_split(scores[b : b + 1], k)
+        assert torch.equal(kept[b : b + 1], alone[0]) and torch.equal(pruned[b : b + 1], alone[1])
+
+
+def test_topk_split_nan_example():
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([[0.1, nan, -inf, nan, 0.5, -inf]])
+    assert [t.tolist() for t in topk_split(scores, 3)] == [[[0, 2, 4]], [[1, 3, 5]]]
+    assert [t.tolist() for t in topk_split(scores, 5)] == [[[0, 1, 2, 4, 5]], [[3]]]
+    assert [t.tolist() for t in topk_split(torch.full((1, 4), nan), 2)] == [[[0, 1]], [[2, 3]]]
 
 
 def _keep_half(scores):

@@ -25,7 +25,8 @@ needs_cuda = pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs 
 @st.composite
 def scores_and_k(draw, max_n=300):
     """(scores (B, n), k): values from a small integer set (many ties, -0 and +0 among them),
-    or continuous; float32 / bfloat16 / float16; sometimes a transposed (strided) view."""
+    or continuous; float32 / bfloat16 / float16; sometimes a transposed (strided) view; sometimes
+    NaN (both signs) and infinities in one image."""
     B = draw(st.integers(1, 3))
     n = draw(st.integers(1, max_n))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -35,6 +36,10 @@ def scores_and_k(draw, max_n=300):
             torch.rand(B, n, generator=g) < 0.5, -1.0, 1.0)  # signed zeros too
     else:
         scores = torch.randn(B, n, generator=g)
+    if draw(st.booleans()):  # non-finite scores in image 0: NaN of either sign bit, +-inf
+        special = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf")])
+        where = torch.rand(n, generator=g) < 0.3
+        scores[0, where] = special[torch.randint(0, 4, (int(where.sum()),), generator=g)]
     scores = scores.to(draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
     if draw(st.booleans()):
         scores = scores.t().contiguous().t()  # (B, n) with strides (1, B)
@@ -69,6 +74,24 @@ def test_interp_ties_and_signed_zeros():
 
 
 @interp
+def test_interp_nan_ranks_below_every_number():
+    # NaN of either sign bit (torch's 0 * inf is a negative NaN on x86) after -inf, ties by index;
+    # the other image of the batch is split as if alone.
+    from tokenreduce.ops.select_triton import split_order_triton
+
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([[0.1, nan, -inf, -nan, 0.5, -inf], [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
+    expected = {1: [4], 2: [0, 4], 3: [0, 2, 4], 4: [0, 2, 4, 5], 5: [0, 1, 2, 4, 5]}
+    for k, kept in expected.items():
+        order = split_order_triton(scores, k)
+        assert order[0].tolist() == kept + sorted(set(range(6)) - set(kept))
+        assert order[1].tolist() == list(range(6))
+        assert torch.equal(order, split_order_reference(scores, k))
+    all_nan = torch.full((1, 300), nan)
+    assert split_order_triton(all_nan, 7).tolist() == [list(range(300))]
+
+
+@interp
 def test_interp_deit_site_sizes():
     from tokenreduce.ops.select_triton import split_order_triton
 
@@ -99,7 +122,8 @@ def test_kernel_compiles_for_hopper(dtype):
     except TypeError as err:
         pytest.skip(f"this triton's ahead-of-time compile API differs: {err}")
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": True})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4, "enable_fp_fusion": True})
     except FileNotFoundError as err:
         pytest.skip(f"cannot compile for sm_90 here: {err}")
     assert "st.global" in compiled.asm["ptx"]
@@ -110,8 +134,11 @@ def test_kernel_compiles_for_hopper(dtype):
 def test_argument_errors_name_the_problem():
     from tokenreduce.ops.select_triton import MAX_N, split_order_triton
 
-    with pytest.raises(ValueError, match=r"split_order_triton: scores must be a \(B, n\) float32"):
+    with pytest.raises(TypeError, match="split_order_triton: `scores` must have dtype float32, bfloat16, float16, "
+                                        "got torch.float64"):
         split_order_triton(torch.zeros(2, 5, dtype=torch.float64), 2)
+    with pytest.raises(ValueError, match=r"split_order_triton: `scores` must have 2 dims \(B, n\), got shape \(5,\)"):
+        split_order_triton(torch.zeros(5), 2)
     with pytest.raises(ValueError, match=rf"needs 1 <= k <= n <= {MAX_N}; got n = 5, k = 6"):
         split_order_triton(torch.zeros(2, 5), 6)
     if not HAVE_CUDA:
@@ -137,6 +164,8 @@ def test_cuda_equals_reference(dtype, size):
     g = torch.Generator().manual_seed(n)
     scores = torch.randn(B, n, generator=g).to(dtype)
     scores[:, ::4] = 0.25  # exact ties straddling the cut
+    scores[1, 1::5] = float("nan")  # NaN ranks below every number
+    scores[2, 2::7] = -float("inf")
     got = split_order_triton(scores.cuda(), k)
     assert torch.equal(got.cpu(), split_order_reference(scores, k))
 
@@ -144,9 +173,9 @@ def test_cuda_equals_reference(dtype, size):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_op_dispatches_to_triton_and_passes_opcheck():
-    from tokenreduce.ops import select_triton, topk_split
+    from tokenreduce.ops import enable_triton_kernels, select_triton, topk_split
 
-    assert select_triton.register_cuda_kernel() is True
+    enable_triton_kernels(True)
     scores = torch.randn(16, 196, device="cuda")
     calls = []
     real = select_triton.split_order_triton

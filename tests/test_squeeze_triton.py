@@ -5,7 +5,7 @@ Four groups:
     imported, so ``test_kernels_under_triton_interpreter`` runs this file's ``interp_`` tests in
     a child pytest with ``TRITON_INTERPRET=1``.  In the main process they are skipped.
   * ahead-of-time compilation of the three kernels for sm_90 (no GPU needed).
-  * plain tests (no triton needed): argument validation and the CPU-only registration no-op.
+  * plain tests (no triton needed): argument validation and the ``enable_triton_kernels`` switch.
   * ``gpu`` tests: the compiled kernels on CUDA against the oracle and the project reference,
     dispatch through ``torch.ops.tokenreduce.squeeze`` and ``torch.library.opcheck``.
 
@@ -18,6 +18,9 @@ that no near-tied pruned token can reach must also match the oracle's own argmax
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -303,13 +306,82 @@ def test_interp_indexed_strided_stream():
     check_indexed(x, kept, pruned, 1, y, hosts, rtol=1e-5, atol=1e-6, host_tol=1e-6)
 
 
+def huge_pair(seed):
+    """(reserved (2, 70, 24), pruned (2, 20, 24)) whose squared norms overflow float32: image 0
+    scaled by 1e25 throughout; image 1 ordinary but for reserved rows 3 and 66 (1e30, in two
+    tiles) and pruned rows 5, 6 (1e28), which point near rows 3 and 66."""
+    r, p = randn(2, 70, 24, seed=seed), randn(2, 20, 24, seed=seed + 1)
+    r[0] *= 1e25
+    p[0] *= 1e25
+    p[1, 5] = r[1, 3] + 0.3 * p[1, 5]
+    p[1, 6] = r[1, 66] + 0.3 * p[1, 6]
+    r[1, [3, 66]] *= 1e30
+    p[1, [5, 6]] *= 1e28
+    return r, p
+
+
+def check_rows_relative(reserved, pruned, y, hosts, rtol):
+    """Hosts where no near-tie makes them ambiguous equal float64's argmax, and every row of
+    ``y`` is within ``rtol`` (relative, per row) of the formula with the kernel's hosts."""
+    c = cosine64(reserved, pruned)  # (B, Np, Nr)
+    top = c.topk(2, dim=-1).values
+    clear = top[..., 0] - top[..., 1] > NEAR_TIE
+    assert clear.float().mean() > 0.9
+    assert torch.equal(hosts.long()[clear], c.argmax(-1)[clear]), "a huge-norm token chose another host"
+    expected, _ = formula64(reserved, pruned, hosts)
+    rel = (y.double() - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert rel.max() < rtol, rel.max()
+
+
+@interp  # numpy's warnings in the interpreter: the first pass overflows, the second is scaled
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_interp_huge_norms_pick_the_float64_host():
+    from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts, _squeeze_with_hosts
+
+    r, p = huge_pair(seed=71)
+    y, hosts = _squeeze_with_hosts(r, p)
+    check_rows_relative(r, p, y, hosts, rtol=1e-5)
+    assert hosts[1, 5] == 3 and hosts[1, 6] == 66
+    # The indexed form reads the same rows from one stream.
+    x = torch.cat([torch.ones(2, 1, 24), r, p], dim=1)  # (2, 1 + 90, 24)
+    kept, pruned = torch.arange(70).expand(2, 70), torch.arange(70, 90).expand(2, 20)
+    y2, hosts2 = _squeeze_tokens_with_hosts(x, kept, pruned, 1)
+    assert torch.equal(hosts2, hosts) and torch.equal(y2[:, 1:], y) and torch.equal(y2[:, :1], x[:, :1])
+
+
+@interp
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_interp_non_finite_token_stays_in_its_image(bad):
+    # Image 1 of 3 holds a NaN / inf in one reserved and one pruned token: it may become NaN, but
+    # every host is a valid index (nothing written outside the image) and images 0 and 2 equal
+    # the float64 formula. Both merges: the fuse kernel, then the update kernel (128 < Np < Nr).
+    from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts, _squeeze_with_hosts
+
+    for B, Nr, Np, C in ((3, 17, 33, 24), (3, 150, 140, 20)):
+        r, p = randn(B, Nr, C, seed=61), randn(B, Np, C, seed=62)
+        r[1, 4, 3] = bad
+        p[1, 2, 0] = bad
+        y, hosts = _squeeze_with_hosts(r, p)
+        assert hosts.min() >= 0 and hosts.max() < Nr
+        good = [0, 2]
+        check(r[good], p[good], y[good], hosts[good], rtol=1e-5, atol=1e-6, host_tol=1e-6)
+        x = torch.cat([r, p], dim=1)  # the indexed form, no prefix
+        kept, pruned = torch.arange(Nr).expand(B, Nr), torch.arange(Nr, Nr + Np).expand(B, Np)
+        y2, hosts2 = _squeeze_tokens_with_hosts(x, kept, pruned, 0)
+        assert torch.equal(hosts2[good], hosts[good]) and torch.equal(y2[good], y[good])
+        assert hosts2.min() >= 0 and hosts2.max() < Nr
+
+
 # ------------------------------------------------------------------ plain tests (any machine)
 @pytest.mark.skipif(INTERPRETING, reason="checks behaviour outside the interpreter")
 def test_cpu_tensors_need_cuda_or_the_interpreter():
-    from tokenreduce.ops.squeeze_triton import squeeze_triton, triton_available
+    from tokenreduce.ops.squeeze_triton import squeeze_triton
 
     r, p = randn(1, 3, 4, seed=0), randn(1, 2, 4, seed=1)
-    if triton_available():
+    if HAVE_TRITON:
         with pytest.raises(ValueError, match="must be on a CUDA device.*TRITON_INTERPRET=1"):
             squeeze_triton(r, p)
     else:
@@ -321,14 +393,20 @@ def test_argument_errors_name_the_argument():
     from tokenreduce.ops.squeeze_triton import squeeze_triton
 
     r = torch.zeros(2, 3, 4)
-    with pytest.raises(ValueError, match=r"pruned must have shape \(B, N, C\)"):
+    with pytest.raises(ValueError, match=r"squeeze_triton: `pruned` must have 3 dims \(B, Np, C\), got shape \(2, 4\)"):
         squeeze_triton(r, torch.zeros(2, 4))
-    with pytest.raises(TypeError, match="reserved.dtype must be float32, bfloat16 or float16"):
+    with pytest.raises(TypeError, match="squeeze_triton: `reserved` must have dtype float32, bfloat16, float16, got "
+                                        "torch.float64; other dtypes are served by the reference"):
         squeeze_triton(r.double(), torch.zeros(2, 1, 4, dtype=torch.float64))
-    with pytest.raises(TypeError, match="must have the same dtype"):
+    with pytest.raises(TypeError, match="`reserved` and `pruned` must have the same dtype, got torch.float32 and "
+                                        "torch.bfloat16"):
         squeeze_triton(r, torch.zeros(2, 1, 4, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="must agree in B and C"):
+    with pytest.raises(ValueError, match="`reserved` and `pruned` must have the same channels, got 4 and 5"):
         squeeze_triton(r, torch.zeros(2, 1, 5))
+    with pytest.raises(ValueError, match="`reserved` and `pruned` must have the same batch size, got 2 and 3"):
+        squeeze_triton(r, torch.zeros(3, 1, 4))
+    with pytest.raises(TypeError, match="`reserved` must be a torch.Tensor"):
+        squeeze_triton([[1.0]], r)
 
 
 def test_indexed_argument_errors_name_the_argument():
@@ -336,11 +414,15 @@ def test_indexed_argument_errors_name_the_argument():
 
     x = torch.zeros(2, 5, 4)
     kept, pruned = torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"x must be a \(B, P \+ n, C\) float32, bfloat16 or float16 tensor"):
+    with pytest.raises(TypeError, match="squeeze_tokens_triton: `x` must have dtype float32, bfloat16, float16"):
         squeeze_tokens_triton(x.double(), kept, pruned, 1)
-    with pytest.raises(ValueError, match=r"pruned_idx must be a \(B, m\) int64 tensor"):
+    with pytest.raises(TypeError, match="`pruned_idx` must be an int64 index tensor, got dtype torch.int32"):
         squeeze_tokens_triton(x, kept, pruned.int(), 1)
-    with pytest.raises(ValueError, match=r"num_prefix must be in \[0, 5\]"):
+    with pytest.raises(ValueError, match=r"`kept_idx` must have 2 dims \(B, k\), got shape \(2, 3, 1\)"):
+        squeeze_tokens_triton(x, kept[..., None], pruned, 1)
+    with pytest.raises(ValueError, match="`x` and `pruned_idx` must have the same batch size, got 2 and 1"):
+        squeeze_tokens_triton(x, kept, pruned[:1], 1)
+    with pytest.raises(ValueError, match=r"`num_prefix` must be an int in \[0, 5\] \(x of shape \(2, 5, 4\)\), got 6"):
         squeeze_tokens_triton(x, kept, pruned, 6)
 
 
@@ -353,11 +435,54 @@ def test_identity_cases_copy_reserved():
     assert squeeze_triton(torch.zeros(2, 0, 4), r).shape == (2, 0, 4)
 
 
-@pytest.mark.skipif(HAVE_CUDA, reason="checks the CPU-only no-op")
-def test_register_is_a_noop_without_cuda():
-    from tokenreduce.ops.squeeze_triton import register_cuda_kernel
+@pytest.fixture
+def restore_kernels():
+    """Leaves the CUDA kernel registry as the test found it."""
+    from tokenreduce.ops import _kernels
 
-    assert register_cuda_kernel() is False
+    saved = dict(_kernels._DEVICE_KERNELS.get("cuda", {}))
+    yield
+    _kernels._DEVICE_KERNELS["cuda"] = saved
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETING, reason="checks the registry of the main process")
+def test_enable_triton_kernels_switches_the_registry(restore_kernels):
+    from tokenreduce.ops import _kernels, enable_triton_kernels, register_device_kernels, triton_kernels_enabled
+    from tokenreduce.ops import select_triton, squeeze_triton
+
+    ours = {**squeeze_triton.CUDA_KERNELS, **select_triton.CUDA_KERNELS}
+    assert sorted(ours) == sorted(_kernels.OPERATORS)
+    for _ in range(2):  # idempotent
+        enable_triton_kernels(True)
+        assert triton_kernels_enabled()
+        assert all(_kernels.device_kernel("cuda", name) is fn for name, fn in ours.items())
+    for _ in range(2):
+        enable_triton_kernels(False)
+        assert not triton_kernels_enabled()
+        assert all(_kernels.device_kernel("cuda", name) is None for name in ours)
+    mine = lambda scores, k: scores  # noqa: E731  a user's kernel survives the switch
+    register_device_kernels("cuda", split_order=mine)
+    enable_triton_kernels(False)
+    assert _kernels.device_kernel("cuda", "split_order") is mine
+    enable_triton_kernels()  # True re-registers over it
+    assert _kernels.device_kernel("cuda", "split_order") is ours["split_order"]
+    with pytest.raises(TypeError, match="enable_triton_kernels: `enabled` must be a bool, got str"):
+        enable_triton_kernels("no")
+
+
+@pytest.mark.skipif(INTERPRETING, reason="runs fresh processes of its own")
+def test_environment_default():
+    # TOKENREDUCE_TRITON is read at import: child processes see the default of a fresh import.
+    code = "import tokenreduce.ops as o; print(o.triton_kernels_enabled())"
+    for value, expected in (("0", "False"), ("1", str(HAVE_CUDA and HAVE_TRITON)), ("off", None)):
+        env = dict(os.environ, TOKENREDUCE_TRITON=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        if expected is None:
+            assert "TOKENREDUCE_TRITON must be '0' (the reference kernels everywhere) or '1'" in out.stderr
+        else:
+            assert out.returncode == 0, out.stderr[-2000:]
+            assert out.stdout.strip() == expected
 
 
 @needs_triton
@@ -423,6 +548,27 @@ def test_cuda_matches_oracle(dtype, size):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
+def test_cuda_huge_norms_and_non_finite_tokens():
+    # The interpreter tests' cases on the compiled kernels: overflowing norms pick float64's host;
+    # a NaN / inf token leaves the other images exact and every host in range (both merges).
+    from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
+
+    r, p = huge_pair(seed=71)
+    y, hosts = _squeeze_with_hosts(r.cuda(), p.cuda())
+    check_rows_relative(r, p, y.cpu(), hosts.cpu(), rtol=1e-5)
+    for bad in (float("nan"), float("inf")):
+        for B, Nr, Np, C in ((3, 17, 33, 24), (3, 150, 140, 20)):
+            r, p = randn(B, Nr, C, seed=61), randn(B, Np, C, seed=62)
+            r[1, 4, 3] = bad
+            p[1, 2, 0] = bad
+            y, hosts = _squeeze_with_hosts(r.cuda(), p.cuda())
+            assert hosts.min() >= 0 and hosts.max() < Nr
+            good = [0, 2]
+            check(r[good], p[good], y.cpu()[good], hosts.cpu()[good], rtol=1e-5, atol=1e-5, host_tol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_agrees_with_project_reference(dtype):
     ref = pytest.importorskip("tokenreduce.ops.squeeze", reason="ops/squeeze.py not written yet")
@@ -444,9 +590,10 @@ def test_cuda_agrees_with_project_reference(dtype):
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 def test_cuda_op_dispatches_to_triton_and_passes_opcheck():
     pytest.importorskip("tokenreduce.ops.squeeze", reason="ops/squeeze.py not written yet")
-    from tokenreduce.ops.squeeze_triton import register_cuda_kernel, squeeze_triton
+    from tokenreduce.ops import enable_triton_kernels
+    from tokenreduce.ops.squeeze_triton import squeeze_triton
 
-    assert register_cuda_kernel() is True
+    enable_triton_kernels(True)
     op = torch.ops.tokenreduce.squeeze.default
     r = randn(4, 37, 96, seed=700, device="cuda")
     p = randn(4, 21, 96, seed=701, device="cuda")
@@ -479,16 +626,18 @@ def test_cuda_indexed_matches_oracle(dtype, size):
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 def test_cuda_squeeze_tokens_op_dispatches_to_triton_and_passes_opcheck():
     from tokenreduce.ops.squeeze import squeeze_tokens_reference
-    from tokenreduce.ops.squeeze_triton import register_cuda_kernel, squeeze_tokens_triton
+    from tokenreduce.ops import enable_triton_kernels
+    from tokenreduce.ops.squeeze_triton import squeeze_tokens_triton
 
-    assert register_cuda_kernel() is True
+    enable_triton_kernels(True)
     op = torch.ops.tokenreduce.squeeze_tokens.default
     x = randn(4, 1 + 58, 96, seed=710, device="cuda")
     kept, pruned = (t.cuda() for t in split_indices(4, 58, 37, seed=711))
     assert torch.equal(op(x, kept, pruned, 1), squeeze_tokens_triton(x, kept, pruned, 1))
     settled = settled_rows(*(x[:, 1:].cpu().gather(1, i.cpu()[..., None].expand(-1, -1, 96)) for i in (kept, pruned)))
     torch.testing.assert_close(op(x, kept, pruned, 1)[:, 1:][settled.cuda()],
-                               squeeze_tokens_reference(x, kept, pruned, 1)[:, 1:][settled.cuda()], rtol=1e-5, atol=1e-5)
+                               squeeze_tokens_reference(x, kept, pruned, 1)[:, 1:][settled.cuda()],
+                               rtol=1e-5, atol=1e-5)
     torch.library.opcheck(op, (x, kept, pruned, 1))
     torch.library.opcheck(op, (x.clone().requires_grad_(), kept, pruned, 1))
     torch.library.opcheck(op, (x.bfloat16(), kept, pruned, 1))
@@ -507,9 +656,9 @@ def test_compiled_site_launches_the_kernels_from_the_graph(n, k, merge):
     from torch._inductor.utils import run_and_get_code
 
     from tokenreduce.ops.squeeze import squeeze_tokens
-    from tokenreduce.ops.squeeze_triton import register_cuda_kernel
+    from tokenreduce.ops import enable_triton_kernels
 
-    assert register_cuda_kernel() is True
+    enable_triton_kernels(True)
     x = randn(4, 1 + n, 96, seed=720, device="cuda")
     kept, pruned = (t.cuda() for t in split_indices(4, n, k, seed=721))
 
@@ -543,4 +692,5 @@ def test_interp_zz_as_the_op_kernel_passes_opcheck():
     torch.library.opcheck(op, (r.clone().requires_grad_(), p.clone().requires_grad_()))
     torch.library.opcheck(op, (r, p[:, :0]))
     # fp64 is not a kernel dtype: the registered kernel falls back to the reference.
-    torch.testing.assert_close(_cuda_kernel(r.double(), p.double()), squeeze.squeeze_reference(r.double(), p.double()), rtol=0, atol=0)
+    torch.testing.assert_close(_cuda_kernel(r.double(), p.double()), squeeze.squeeze_reference(r.double(), p.double()),
+                               rtol=0, atol=0)

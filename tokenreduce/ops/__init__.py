@@ -5,7 +5,7 @@ The public API is ``__all__``; the module layout behind it may change.
 
 import os
 
-from ._kernels import register_device_kernels
+from ._kernels import enable_by_default, enable_triton_kernels, register_device_kernels, triton_kernels_enabled
 from .grid import scatter_to_grid
 from .attention import cls_attention, policy_attention, policy_softmax
 from .reduce import drop, fuse_one
@@ -19,7 +19,6 @@ from .squeeze import (
     squeeze_op,
     squeeze_reference,
     squeeze_tokens,
-    set_squeeze_impl,
 )
 
 __all__ = [
@@ -27,27 +26,30 @@ __all__ = [
     "SqueezeAssignment",
     "cls_attention",
     "drop",
+    "enable_triton_kernels",
     "fuse_one",
     "gather_tokens",
     "gumbel_keep",
     "policy_attention",
     "policy_softmax",
     "register_device_kernels",
+    "scatter_to_grid",
     "squeeze",
     "squeeze_assign",
     "squeeze_masked",
     "squeeze_op",
     "squeeze_reference",
     "squeeze_tokens",
-    "scatter_to_grid",
-    "set_squeeze_impl",
     "topk_split",
+    "triton_kernels_enabled",
 ]
 
 # On CUDA with Triton installed, fused Triton kernels serve tokenreduce::squeeze, squeeze_tokens and
-# split_order (the references keep serving other devices). TOKENREDUCE_TRITON=0 opts out.
-if os.environ.get("TOKENREDUCE_TRITON", "1") != "0":
-    from . import select_triton, squeeze_triton
-
-    squeeze_triton.register_cuda_kernel()
-    select_triton.register_cuda_kernel()
+# split_order (the references keep serving other devices). TOKENREDUCE_TRITON=0 opts out;
+# enable_triton_kernels switches them at run time.
+_TRITON_DEFAULT = os.environ.get("TOKENREDUCE_TRITON", "1")
+if _TRITON_DEFAULT not in ("0", "1"):
+    raise ValueError(f"TOKENREDUCE_TRITON must be '0' (the reference kernels everywhere) or '1' (the Triton "
+                     f"kernels on CUDA, the default), got {_TRITON_DEFAULT!r}")
+if _TRITON_DEFAULT == "1":
+    enable_by_default()

@@ -8,6 +8,10 @@ own module without touching the operator's::
 
     register_device_kernels("cuda", squeeze=my_squeeze, split_order=my_split_order)
 
+The Triton kernels of ``ops/squeeze_triton.py`` and ``ops/select_triton.py`` are registered this
+way for CUDA, at import by default (``TOKENREDUCE_TRITON=0`` opts out), and switched at run time
+with ``enable_triton_kernels(False)`` / ``enable_triton_kernels(True)``.
+
 With ``torch.library.triton_op`` (torch >= 2.6 with triton installed) the operators are triton
 ops: ``torch.compile`` traces into them, so a kernel that launches through
 ``torch.library.wrap_triton`` is called from the compiled graph's own wrapper, and the
@@ -18,14 +22,26 @@ implementations.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["OPERATORS", "define_op", "device_kernel", "register_device_kernels"]
+__all__ = [
+    "OPERATORS",
+    "define_op",
+    "device_kernel",
+    "enable_by_default",
+    "enable_triton_kernels",
+    "register_device_kernels",
+    "triton_kernels_enabled",
+]
+
+logger = logging.getLogger(__name__)
 
 OPERATORS = ("squeeze", "squeeze_tokens", "split_order")
 _DEVICE_KERNELS: dict[str, dict[str, Callable]] = {}
+_TRITON_DEVICE = "cuda"
 # triton_op needs torch >= 2.6 (with wrap_triton) and triton itself.
 TRITON_OP = (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
              and importlib.util.find_spec("triton") is not None)
@@ -45,6 +61,58 @@ def register_device_kernels(device_type: str, **kernels: Callable) -> None:
         raise ValueError(f"register_device_kernels: unknown operator(s) {unknown}; "
                          f"known: {list(OPERATORS)}")
     _DEVICE_KERNELS.setdefault(device_type, {}).update(kernels)
+
+
+def _triton_kernels() -> dict[str, Callable]:
+    """Operator name -> the Triton kernel that serves it on CUDA (imports triton)."""
+    from . import select_triton, squeeze_triton
+
+    return {**squeeze_triton.CUDA_KERNELS, **select_triton.CUDA_KERNELS}
+
+
+def enable_triton_kernels(enabled: bool = True) -> None:
+    """Serve ``tokenreduce::squeeze``, ``squeeze_tokens`` and ``split_order`` on CUDA with the
+    fused Triton kernels (``True``), or with the references, as on every other device (``False``).
+
+    Idempotent. ``False`` removes only the Triton kernels (a kernel registered by
+    ``register_device_kernels`` stays). Graphs that ``torch.compile`` already traced keep the
+    kernels they traced: switch before compiling (or call ``torch._dynamo.reset()``). Without
+    CUDA the registry still changes, and no tensor reaches it. Raises ``TokenReduceError`` for
+    ``True`` when triton is not installed.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enable_triton_kernels: `enabled` must be a bool, got {type(enabled).__name__}")
+    if not enabled:
+        registered = _DEVICE_KERNELS.get(_TRITON_DEVICE, {})
+        if registered and importlib.util.find_spec("triton") is not None:
+            for name, kernel in _triton_kernels().items():
+                if registered.get(name) is kernel:
+                    del registered[name]
+        return
+    if importlib.util.find_spec("triton") is None:
+        from ..errors import TokenReduceError
+
+        raise TokenReduceError("enable_triton_kernels: triton is not installed; install it "
+                               "(`pip install triton`) or keep the reference kernels")
+    register_device_kernels(_TRITON_DEVICE, **_triton_kernels())
+    logger.debug("tokenreduce: the Triton kernels serve %s on CUDA", ", ".join(OPERATORS))
+
+
+def triton_kernels_enabled() -> bool:
+    """True when the Triton kernels serve every operator on CUDA (see ``enable_triton_kernels``)."""
+    registered = _DEVICE_KERNELS.get(_TRITON_DEVICE, {})
+    if not registered or importlib.util.find_spec("triton") is None:
+        return False
+    return all(registered.get(name) is kernel for name, kernel in _triton_kernels().items())
+
+
+def enable_by_default() -> None:
+    """The import-time default: the Triton kernels where triton and a CUDA device both exist
+    (a CPU-only process does not import triton)."""
+    if importlib.util.find_spec("triton") is not None and torch.cuda.is_available():
+        enable_triton_kernels(True)
+    else:
+        logger.debug("tokenreduce: no triton or no CUDA device; the reference kernels serve every device")
 
 
 def device_kernel(device_type: str, name: str) -> Callable | None:

@@ -12,12 +12,16 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "check_tensor",
+    "check_dtype",
     "check_float",
     "check_index",
+    "check_index_pair",
+    "check_num_prefix",
+    "check_same_device",
     "check_same_dtype",
-    "check_size_match",
     "check_shape",
+    "check_size_match",
+    "check_tensor",
     "check_token_pair",
 ]
 
@@ -39,6 +43,21 @@ def check_float(op: str, name: str, x: Tensor) -> None:
             f"{op}: `{name}` must be a floating-point tensor, got dtype {x.dtype}; "
             f"convert it with `.float()`"
         )
+
+
+def check_dtype(op: str, name: str, x: Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    """``x`` must have one of the ``allowed`` dtypes (a kernel's: the reference serves the rest)."""
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{op}: `{name}` must have dtype {names}, got {x.dtype}; other dtypes "
+                        f"are served by the reference")
+
+
+def check_same_device(op: str, name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Tensors read by one kernel must live on one device."""
+    if a.device != b.device:
+        raise ValueError(f"{op}: `{name_a}` and `{name_b}` must be on the same device, got "
+                         f"{a.device} and {b.device}")
 
 
 def check_index(op: str, name: str, x: Tensor) -> None:
@@ -88,3 +107,20 @@ def check_token_pair(op: str, reserved: Tensor, pruned: Tensor) -> None:
             f"{op}: `reserved` must hold at least one token (Nr >= 1), got shape "
             f"{tuple(reserved.shape)}; there would be no host for the pruned tokens"
         )
+
+
+def check_index_pair(op: str, x: Tensor, kept_idx: Tensor, pruned_idx: Tensor) -> None:
+    """The (kept_idx (B, k), pruned_idx (B, n - k)) int64 indices into the patch tokens of the
+    stream ``x`` (B, P + n, C) that the indexed squeeze takes."""
+    for name, idx, layout in (("kept_idx", kept_idx, "(B, k)"), ("pruned_idx", pruned_idx, "(B, n - k)")):
+        check_tensor(op, name, idx, 2, layout)
+        check_index(op, name, idx)
+        check_size_match(op, "batch size", "x", x.shape[0], name, idx.shape[0])
+
+
+def check_num_prefix(op: str, num_prefix: object, x: Tensor) -> None:
+    """``num_prefix`` must be an int in [0, N] for the stream ``x`` (B, N, C)."""
+    n = x.shape[1]
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or not 0 <= num_prefix <= n:
+        raise ValueError(f"{op}: `num_prefix` must be an int in [0, {n}] (x of shape "
+                         f"{tuple(x.shape)}), got {num_prefix!r}")

@@ -5,6 +5,11 @@ spatial models can scatter kept tokens back to their grid positions and later op
 in the same relative order as the unreduced model. It is the operator
 ``tokenreduce::split_order`` (one fused Triton kernel on CUDA, registered by
 ``ops/select_triton.py``; ``split_order_reference`` elsewhere).
+
+The ranking is total, so the split is defined for every input: higher scores first, ``-0``
+equal to ``+0``, NaN below every number (``-inf`` included), equal scores (NaN among them) by
+index, lower first. Each row of indices is a partition of ``0..n-1`` whatever the scores: a NaN
+or inf in one image changes only that image's split.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ def topk_split(scores: Tensor, k: int | torch.SymInt) -> tuple[Tensor, Tensor]:
     """Split token indices by score: (B, n), k -> (kept (B, k), pruned (B, n - k)), int64.
 
     ``kept`` holds the ``k`` highest-scoring tokens, ``pruned`` the rest; both ascending. Equal
-    scores are ranked by index (lower first), so the split is deterministic. ``k == n`` is the
-    identity case: ``kept`` is ``0..n-1`` and ``pruned`` is empty.
+    scores are ranked by index (lower first), so the split is deterministic; NaN ranks below
+    every number (see the module docstring). ``k == n`` is the identity case: ``kept`` is
+    ``0..n-1`` and ``pruned`` is empty.
     """
     op = "topk_split"
     check_tensor(op, "scores", scores, 2, "(B, n)")
@@ -41,20 +47,26 @@ def topk_split(scores: Tensor, k: int | torch.SymInt) -> tuple[Tensor, Tensor]:
 
 def split_order_reference(scores: Tensor, k: int) -> Tensor:
     """(B, n) scores, k -> (B, n) int64: the ``k`` highest-scoring indices ascending, then the
-    others ascending (equal scores ranked by index, lower first). No validation.
+    others ascending (equal scores ranked by index, lower first; NaN below -inf). No validation.
 
     The default kernel of ``tokenreduce::split_order``. No sort: Inductor lowers sorts to Triton
     kernels that are slow to compile, and the order itself is not needed. The k-th largest score
     is a threshold; of the tokens equal to it, the lowest-index ones fill the remaining places.
-    Prefix counts then lay both halves out in raster order.
+    NaN scores count as -inf for the threshold and, among the tokens at -inf, come after the
+    real ones. Prefix counts then lay both halves out in raster order.
     """
     n = scores.shape[1]
-    kth = scores.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (B, 1)
-    above = scores > kth
-    tied = scores == kth
+    nan = scores.isnan()
+    ranked = scores.masked_fill(nan, float("-inf"))  # (B, n): NaN-free, topk's order is plain
+    kth = ranked.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (B, 1)
+    above = ranked > kth
+    tied = ranked == kth  # (B, n); holds the NaN tokens too when kth is -inf
     room = k - above.sum(dim=1, keepdim=True)  # (B, 1): places left for tied tokens
     upper = torch.ones(n, n, device=scores.device, dtype=_count_dtype(scores.device, n)).triu()  # [j <= i]
-    keep = above | (tied & (_count_upto(tied, upper) <= room))  # (B, n), exactly k per row
+    # Tied places: the real ties by index, then the NaN ties by index (one GEMM for both counts).
+    real, nans = _count_upto(torch.cat([tied & ~nan, tied & nan]), upper).chunk(2)  # (B, n) each
+    place = torch.where(nan, real[:, -1:] + nans, real)  # (B, n): rank among the tied tokens
+    keep = above | (tied & (place <= room))  # (B, n), exactly k per row
     rank = _count_upto(keep, upper)  # (B, n): kept tokens at or before i
     i = torch.arange(n, device=scores.device)
     slot = torch.where(keep, rank - 1, k + i - rank)  # a permutation of 0..n-1 per row

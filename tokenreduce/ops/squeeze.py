@@ -10,6 +10,9 @@ to the lowest index) and every reserved token ``j`` becomes the convex combinati
     y_j = (e * xr_j + sum_{i: h(i)=j} exp(c_ij) * xp_i) / (e + sum_{i: h(i)=j} exp(c_ij))
 
 A reserved token that hosts nothing is returned bit for bit; ``Np == 0`` returns ``reserved``.
+A NaN similarity (a token holding NaN or inf) ranks below every number, so NaN stays in its
+image; the normalisation does not overflow for large tokens (``unit_rows``). The backward is
+twice differentiable (double backward keeps every second-order term).
 
 ``squeeze`` dispatches to the custom operator ``torch.ops.tokenreduce.squeeze`` (``squeeze_op``),
 which carries an autograd formula. ``squeeze_reference`` serves every device that has no fused
@@ -32,28 +35,19 @@ Training form (dTPS, fixed length, straight-through masks)::
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._kernels import define_op, device_kernel, register_device_kernels
-from ._validate import check_float, check_index, check_shape, check_size_match, check_tensor, check_token_pair
+from ._validate import (
+    check_float, check_index_pair, check_num_prefix, check_shape, check_tensor, check_token_pair,
+)
 from .select import gather_tokens
 
-__all__ = [
-    "SqueezeAssignment",
-    "register_device_kernels",
-    "squeeze",
-    "squeeze_assign",
-    "squeeze_masked",
-    "squeeze_op",
-    "squeeze_reference",
-    "squeeze_tokens",
-    "squeeze_tokens_op",
-    "squeeze_tokens_reference",
-]
+__all__ = ["SqueezeAssignment", "register_device_kernels", "squeeze", "squeeze_assign", "squeeze_masked",
+           "squeeze_op", "squeeze_reference", "squeeze_tokens", "squeeze_tokens_op", "squeeze_tokens_reference"]
 
 # The host joins its own group with self-similarity 1, i.e. weight exp(1) (the authors' math.e).
 SELF_WEIGHT = math.e
@@ -66,19 +60,36 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def unit_rows(x: Tensor) -> Tensor:
+    """(B, N, C) -> (B, N, C): ``x / (|x| + 1e-6)`` per row, without overflow.
+
+    Each row is divided by its largest magnitude m first, and the rule rewritten exactly as
+    ``(x / m) / (|x / m| + 1e-6 / m)``: the squared norm of a float32 row above ~1.8e19 would
+    overflow to inf (and every cosine of it read 0). A zero row stays zero; a row holding inf or
+    NaN becomes NaN.
+    """
+    m = x.abs().amax(dim=-1, keepdim=True)  # (B, N, 1)
+    m = torch.where(m > 0, m, torch.ones_like(m))  # zero rows: divide by 1 (NaN rows stay NaN)
+    xs = x / m
+    return xs / (xs.norm(dim=-1, keepdim=True) + NORM_EPS / m)
+
+
 def cosine(a: Tensor, b: Tensor) -> Tensor:
     """(B, Na, C), (B, Nb, C) -> (B, Na, Nb) cosine similarity with the ``+ 1e-6`` norm rule."""
-    a = a / (a.norm(dim=-1, keepdim=True) + NORM_EPS)
-    b = b / (b.norm(dim=-1, keepdim=True) + NORM_EPS)
-    return a @ b.transpose(-1, -2)
+    return unit_rows(a) @ unit_rows(b).transpose(-1, -2)
 
 
 def _match(reserved: Tensor, pruned: Tensor) -> tuple[Tensor, Tensor]:
-    """Hosts and their similarity: ``(host (B, Np) int64, exp(c_i,host) (B, Np, 1))``."""
+    """Hosts and their similarity: ``(host (B, Np) int64, exp(c_i,host) (B, Np, 1))``.
+
+    A NaN similarity (a token holding NaN or inf) ranks below every number, so a finite token
+    never picks a NaN host; a token whose similarities are all NaN joins host 0 with weight 0.
+    """
     cos = cosine(pruned, reserved)  # (B, Np, Nr)
+    cos = cos.masked_fill(cos.isnan(), float("-inf"))
     # torch.argmax returns the first maximum: the lowest-index tie rule of the spec.
     host = cos.argmax(dim=-1)  # (B, Np)
-    weight = cos.gather(-1, host.unsqueeze(-1)).exp()  # (B, Np, 1), in (exp(-1), e]
+    weight = cos.gather(-1, host.unsqueeze(-1)).exp()  # (B, Np, 1), in (exp(-1), e]; 0 when NaN
     return host, weight
 
 
@@ -168,20 +179,28 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(reserved, pruned)
 
 
-def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    # The host choice is piecewise constant in the inputs, so differentiating the reference with
-    # the hosts it picks is the exact gradient almost everywhere. Recomputing the forward here
-    # (instead of saving the cosine matrix) keeps the saved state at the two inputs.
-    reserved, pruned = ctx.saved_tensors
-    need_r, need_p = ctx.needs_input_grad
+def _reference_grads(reference, inputs: tuple[Tensor, ...], needs: tuple[bool, ...], grad: Tensor,
+                     *static) -> list[Tensor | None]:
+    """The vector-Jacobian product of ``reference(*inputs, *static)`` with ``grad``: one entry per
+    input (None where not needed).
+
+    The host choice is piecewise constant in the inputs, so differentiating the reference with
+    the hosts it picks is the exact gradient almost everywhere. Recomputing the forward here
+    (instead of saving the cosine matrix) keeps the saved state at the inputs. Under
+    ``backward(create_graph=True)`` (grad mode is then on) the recomputation runs on the inputs
+    themselves and keeps its graph, so double backward gets every second-order term.
+    """
+    create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        xr = reserved.detach().requires_grad_(need_r)
-        xp = pruned.detach().requires_grad_(need_p)
-        out = squeeze_reference(xr, xp)
-        wanted = [t for t, need in ((xr, need_r), (xp, need_p)) if need]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-    grad_r = next(grads) if need_r else None
-    grad_p = next(grads) if need_p else None
+        xs = [t if create_graph else t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
+        out = reference(*xs, *static)
+        wanted = [t for t, need in zip(xs, needs) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True, create_graph=create_graph))
+    return [next(grads) if need else None for need in needs]
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    grad_r, grad_p = _reference_grads(squeeze_reference, ctx.saved_tensors, ctx.needs_input_grad, grad)
     return grad_r, grad_p
 
 
@@ -198,26 +217,7 @@ def squeeze(reserved: Tensor, pruned: Tensor) -> Tensor:
     check_token_pair("squeeze", reserved, pruned)
     if pruned.shape[1] == 0:
         return reserved
-    if INLINE_UNDER_COMPILE and torch.compiler.is_compiling():
-        # Inductor sees the plain ops and fuses them with their neighbours (see set_squeeze_impl).
-        return squeeze_reference(reserved, pruned)
     return torch.ops.tokenreduce.squeeze(reserved, pruned)
-
-
-# How `squeeze` runs under torch.compile: False keeps the operator (traced into its device kernel,
-# e.g. the Triton launches on CUDA; the reference elsewhere); True inlines the reference so
-# Inductor can fuse it, which differs from False only where a device kernel is registered.
-# Eager always uses the operator. Default from TOKENREDUCE_SQUEEZE=op|inline.
-INLINE_UNDER_COMPILE = os.environ.get("TOKENREDUCE_SQUEEZE", "op") == "inline"
-
-
-def set_squeeze_impl(impl: str) -> None:
-    """Choose how ``squeeze`` compiles: ``"op"`` (the operator and its device kernel) or
-    ``"inline"`` (the reference's plain ops, fused by Inductor). Call before ``torch.compile``."""
-    global INLINE_UNDER_COMPILE
-    if impl not in ("op", "inline"):
-        raise ValueError(f"set_squeeze_impl: impl must be 'op' or 'inline', got {impl!r}")
-    INLINE_UNDER_COMPILE = impl == "inline"
 
 
 def squeeze_tokens_reference(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: int) -> Tensor:
@@ -255,10 +255,8 @@ def _tokens_backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None
     x, kept_idx, pruned_idx = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        out = squeeze_tokens_reference(xg, kept_idx, pruned_idx, ctx.num_prefix)
-        (grad_x,) = torch.autograd.grad(out, (xg,), grad)
+    (grad_x,) = _reference_grads(squeeze_tokens_reference, (x,), (True,), grad, kept_idx, pruned_idx,
+                                 ctx.num_prefix)
     return grad_x, None, None, None
 
 
@@ -278,30 +276,46 @@ def squeeze_tokens(x: Tensor, kept_idx: Tensor, pruned_idx: Tensor, num_prefix: 
     op = "squeeze_tokens"
     check_tensor(op, "x", x, 3, "(B, P + n, C)")
     check_float(op, "x", x)
-    check_tensor(op, "kept_idx", kept_idx, 2, "(B, k)")
-    check_tensor(op, "pruned_idx", pruned_idx, 2, "(B, n - k)")
-    check_index(op, "kept_idx", kept_idx)
-    check_index(op, "pruned_idx", pruned_idx)
-    check_size_match(op, "batch size", "x", x.shape[0], "kept_idx", kept_idx.shape[0])
-    check_size_match(op, "batch size", "x", x.shape[0], "pruned_idx", pruned_idx.shape[0])
-    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or not 0 <= num_prefix <= x.shape[1]:
-        raise ValueError(f"{op}: `num_prefix` must be an int in [0, {x.shape[1]}] (x of shape "
-                         f"{tuple(x.shape)}), got {num_prefix!r}")
-    if INLINE_UNDER_COMPILE and torch.compiler.is_compiling():
-        return squeeze_tokens_reference(x, kept_idx, pruned_idx, num_prefix)
+    check_index_pair(op, x, kept_idx, pruned_idx)
+    check_num_prefix(op, num_prefix, x)
     return torch.ops.tokenreduce.squeeze_tokens(x, kept_idx, pruned_idx, num_prefix)
+
+
+def _training_hosts(xw: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each token's host in the training form: (B, n, C), (B, n, 1) ->
+    ``(host (B, n) int64, cos(x_i, x_host) (B, n, 1), has_host (B, n, 1) bool)``.
+
+    Candidates are the *other* tokens with ``keep == 1`` (a boolean mask, so no gradient reaches
+    ``keep`` here); ties go to the lowest index. A token with no candidate gets host 0 and
+    ``has_host`` False. The similarity is gathered from the finite cosine matrix, so no -inf
+    ever enters the autograd graph.
+    """
+    n = xw.shape[1]
+    cos = cosine(xw, xw)  # (B, n, n): row i a token, column j a candidate host
+    eye = torch.eye(n, dtype=torch.bool, device=xw.device)
+    hostable = (keep.transpose(1, 2) > 0.5) & ~eye  # (B, n, n)
+    host = cos.masked_fill(~hostable, float("-inf")).argmax(dim=-1)  # (B, n)
+    return host, cos.gather(-1, host.unsqueeze(-1)), hostable.any(dim=-1, keepdim=True)
 
 
 def squeeze_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
     """Training form of the squeeze: (B, n, C), (B, n, 1), (B, n, 1) -> (B, n, C).
 
     ``keep`` and ``pruned_now`` are hard 0/1 float masks (disjoint, as dTPS builds them) that may
-    carry straight-through gradients. Hosts are restricted to ``keep == 1`` tokens (same cosine
-    and lowest-index tie rule as ``squeeze``); only ``pruned_now == 1`` tokens contribute. Rows
-    with ``keep == 1`` get the fused value, which equals ``squeeze``'s output for the same
-    decisions; every other row is returned unchanged. Static shapes throughout (no boolean
-    indexing), so it compiles to one graph. Gradients reach ``x``, ``keep`` (through the mixing
-    ``x + keep * update``) and ``pruned_now`` (it multiplies each token's weight).
+    carry straight-through gradients. The authors' training branch, with our tie rule: every token
+    ``i`` picks its host ``h(i)``, the most cosine-similar *other* token with ``keep == 1`` (ties
+    to the lowest index; ``keep`` enters only as this boolean mask, so it gets no gradient here);
+    its fusing weight is ``w_i = exp(m_i * c_i) * m_i`` with ``m_i = pruned_now_i`` and
+    ``c_i = cos(x_i, x_h(i))``; and every row becomes::
+
+        y_j = (e * x_j + sum_{i: h(i)=j} w_i x_i) / (e + sum_{i: h(i)=j} w_i)
+
+    Only ``pruned_now == 1`` tokens have a nonzero weight, so rows with ``keep == 1`` equal
+    ``squeeze``'s output for the same decisions and every other row is returned unchanged (bit
+    for bit; also when nothing is pruned now). The gradient reaches ``pruned_now`` through the
+    weights of *every* token with a host, including kept and earlier-dropped ones (value 0,
+    derivative ``dw/dm = 1`` at ``m = 0``), as in the authors' code; ``x`` gets it through the
+    similarities and the fusion. Static shapes throughout (no boolean indexing): one graph.
     """
     op = "squeeze_masked"
     check_tensor(op, "x", x, 3, "(B, n, C)")
@@ -315,21 +329,16 @@ def squeeze_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
 
     out_dtype = x.dtype
     work = compute_dtype(out_dtype)
-    xw, keep_w, pruned_w = x.to(work), keep.to(work), pruned_now.to(work)
-
-    cos = cosine(xw, xw)  # (B, n, n): row i a token to squeeze, column j a candidate host
-    hostable = keep.transpose(1, 2) > 0.5  # (B, 1, n)
-    # Masking happens only for the argmax; the weight gathers the finite cosine, so no -inf
-    # ever enters the autograd graph (an image with no kept token falls back to host 0, whose
-    # row is then left unchanged because its keep is 0).
-    host = cos.masked_fill(~hostable, float("-inf")).argmax(dim=-1)  # (B, n)
-    weight = cos.gather(-1, host.unsqueeze(-1)).exp() * pruned_w  # (B, n, 1); 0 unless pruned now
+    xw = x.to(work)
+    host, c, has_host = _training_hosts(xw, keep)
+    # A token without a host contributes nothing, with no gradient either (m = 0 by the mask).
+    m = pruned_now.to(work) * has_host  # (B, n, 1)
+    weight = torch.exp(m * c) * m  # (B, n, 1): the authors' exp(c * m) * m
     flat = _flat_index(host, n)  # (B * n,)
     x_host = xw.gather(1, host.unsqueeze(-1).expand(-1, -1, C))  # (B, n, C)
-    # y_j = x_j + sum_i w_i (x_i - x_j) / (e + sum_i w_i) is Sec. 1's fusion rewritten so that a
+    # y_j = x_j + sum_i w_i (x_i - x_j) / (e + sum_i w_i) is the fusion above rewritten so that a
     # row receiving nothing gets an update of exactly 0 (x stays bit-exact) while the gradient
     # into every w_i, hence into pruned_now, still flows.
     delta = xw.new_zeros(B * n, C).index_add(0, flat, (weight * (xw - x_host)).reshape(B * n, C))
     den = xw.new_full((B * n, 1), SELF_WEIGHT).index_add(0, flat, weight.reshape(B * n, 1))
-    update = (delta / den).reshape(B, n, C)
-    return (xw + keep_w * update).to(out_dtype)
+    return (xw + (delta / den).reshape(B, n, C)).to(out_dtype)
