@@ -4,22 +4,31 @@
 ``node.meta["tensor_meta"]`` (shape, dtype) for ``example``. Modules and functions that tracing
 must leave opaque are kept in a registry that users extend with :func:`register_leaf_module`
 and :func:`register_leaf_function`; timm's own "no-trace" registries are honoured too.
+
+Tracing is safe to call from a serving process (see :mod:`tokenreduce._tracing_lock`). The graph
+has exactly one placeholder, the image batch: forward arguments after it that have a default
+(timm's ``attn_mask=None``, ``is_causal=False``) are bound to that default. Hooks on modules
+that tracing flattens away are refused (:mod:`tokenreduce._hooks` says why).
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
-import torch.fx as fx
-from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import fx, nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+from torch.utils._pytree import tree_leaves
 
+from . import _hooks, _signature
+from ._tracing_lock import TRACE_LOCK, ConfinedTracer, foreign_patch
 from .errors import TokenReduceError
 
-__all__ = ["capture", "register_leaf_module", "register_leaf_function", "Tracer"]
+__all__ = ["TRACE_LOCK", "Tracer", "capture", "hooked_modules", "register_leaf_function", "register_leaf_module"]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +81,9 @@ def _timm_leaves() -> tuple[set[type], set[Callable]]:
     return modules, functions
 
 
-class Tracer(fx.Tracer):
-    """``fx.Tracer`` that honours tokenreduce's and timm's leaf registries."""
+class Tracer(ConfinedTracer):
+    """``fx.Tracer`` that honours tokenreduce's and timm's leaf registries; its traces are
+    serialised and leave other threads' module calls alone (:class:`ConfinedTracer`)."""
 
     def __init__(self) -> None:
         timm_modules, timm_functions = _timm_leaves()
@@ -105,6 +115,71 @@ def _module_being_traced(tracer: Tracer, root: nn.Module) -> str:
     return type(root).__name__
 
 
+def hooked_modules(model: nn.Module) -> list[str]:
+    """The modules of ``model`` that tracing flattens away and that carry hooks, as
+    ``"path (Class): kinds"``; see :func:`tokenreduce._hooks.hooked_modules`."""
+    return _hooks.hooked_modules(model, Tracer())
+
+
+class _ShapeProp(ShapeProp):
+    """torch's shape propagation, but quiet and naming the node it was running when it failed.
+
+    ``ShapeProp.run_node`` prints the traceback to stderr and re-raises a generic error; here the
+    node's own error propagates (its message unchanged) and :attr:`node` says where.
+    """
+
+    node: fx.Node | None = None
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # keep the failing op's message as it is
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.node = n
+        result = fx.Interpreter.run_node(self, n)
+        meta = map_aggregate(result, lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else v)
+        if any(isinstance(v, torch.Tensor) for v in tree_leaves(result)):
+            n.meta["tensor_meta"] = meta
+        return result
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:  # ShapeProp wraps the real error
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
+def _node_where(gm: fx.GraphModule, node: fx.Node | None) -> str:
+    if node is None:
+        return ""
+    if node.op == "call_module":
+        path, cls = str(node.target), type(gm.get_submodule(str(node.target))).__name__
+    else:  # traced-through modules are not kept in the flat graph module: read the recorded stack
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return f" at node '{node.name}'"
+        path, cls = next(reversed(stack.values()))
+        cls = getattr(cls, "__name__", str(cls))
+    return f" at node '{node.name}' in module '{path}' ({cls})"
+
+
+def _example_hint(model: nn.Module, example: torch.Tensor) -> str:
+    """What is most likely wrong with ``example``, judged against the model's parameters."""
+    param = next(model.parameters(), None)
+    if param is not None and example.device != param.device:
+        return (f"example_input is on {example.device} but the model's parameters are on {param.device}: "
+                f"pass example_input.to('{param.device}')")
+    if param is not None and param.is_floating_point() and example.dtype != param.dtype:
+        return (f"example_input is {example.dtype} but the model's parameters are {param.dtype}: pass "
+                f"example_input.to({param.dtype}) (or convert the model)")
+    if example.dim() != 4:
+        return (f"example_input has {example.dim()} dimension(s); vision models take an image batch "
+                f"(B, C, H, W), e.g. torch.randn(2, 3, 224, 224)")
+    return "pass example_input= with a shape, dtype and device the model accepts"
+
+
 def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """Trace ``model`` into a flat ``GraphModule`` and annotate every node with its shape.
 
@@ -113,37 +188,50 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         example: an input batch, e.g. ``(2, 3, 224, 224)``; shapes in the graph refer to it.
 
     Returns:
-        A ``GraphModule`` sharing ``model``'s submodules, with ``node.meta["tensor_meta"]`` set.
+        A ``GraphModule`` sharing ``model``'s submodules, with ``node.meta["tensor_meta"]`` set
+        and exactly one placeholder (the image batch).
 
     Raises:
-        TokenReduceError: tracing failed; the message names the module and the source line and
-            says how to register an opaque leaf.
+        TokenReduceError: tracing failed (the message names the module and the source line and
+            says how to register an opaque leaf); hooks sit on modules tracing flattens away;
+            forward needs more than one input; the example batch does not run through the graph
+            (the message gives the node, the underlying error and the likely fix).
     """
     tracer = Tracer()
+    _hooks.check_hooks(model, tracer)
+    concrete = _signature.bound_defaults(model)
     try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except TokenReduceError:
+        raise
+    except Exception as exc:
         where = _module_being_traced(tracer, model)
         cls = type(model.get_submodule(where)).__name__ if where in dict(model.named_modules()) else where
+        foreign = foreign_patch()
+        note = (f" ({foreign} is patched by a torch.fx trace outside tokenreduce in another thread; hold "
+                f"`from tokenreduce.capture import TRACE_LOCK` around it)") if foreign else ""
         raise TokenReduceError(
             f"capture: torch.fx could not trace module '{where}' ({cls}) at {_user_frame(exc)}: "
-            f"{type(exc).__name__}: {exc}. If this module has data-dependent control flow and "
+            f"{type(exc).__name__}: {exc}{note}. If this module has data-dependent control flow and "
             f"contains no attention to reduce, register it as opaque with "
             f"tokenreduce.register_leaf_module({cls}); for a free function use "
             f"tokenreduce.register_leaf_function(fn)."
         ) from exc
+    _signature.drop_bound_placeholders(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     was_training = model.training
     gm.eval()
+    prop = _ShapeProp(gm)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example)
+            prop.propagate(example)
     except Exception as exc:  # noqa: BLE001
+        cause = _root_cause(exc)
         raise TokenReduceError(
-            f"capture: the traced graph of {type(model).__name__} failed on an example input of "
-            f"shape {tuple(example.shape)}: {type(exc).__name__}: {exc}. Pass `example_input=` "
-            f"with a shape the model accepts."
-        ) from exc
+            f"capture: {type(model).__name__} failed on example_input of shape {tuple(example.shape)} "
+            f"({example.dtype}, {example.device}){_node_where(gm, prop.node)}: {type(cause).__name__}: "
+            f"{str(cause).rstrip('.')}. {_example_hint(model, example)}."
+        ) from cause
     finally:
         gm.train(was_training)
     log.debug("captured %s: %d nodes", type(model).__name__, len(graph.nodes))

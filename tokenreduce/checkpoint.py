@@ -87,12 +87,14 @@ def _dense_model(cfg: Mapping) -> nn.Module:
     return timm.create_model(name, pretrained=False, **cfg["model"]["kwargs"])
 
 
-def load(path: PathLike | Mapping, model: nn.Module | None = None, map_location: Any = "cpu") -> ReducedModel:
+def load(path: PathLike | Mapping, model: nn.Module | None = None, map_location: Any = "cpu", *,
+         aux: bool | None = None) -> ReducedModel:
     """Rebuild the reduced model saved at ``path``, in eval mode.
 
     ``model``: the dense model to reduce (its weights are overwritten by the checkpoint's, which
     hold all of them); default: built from the checkpoint's timm name and kwargs with random
-    weights. Eval outputs are bit-identical to the saved model's.
+    weights. ``aux``: override whether it returns :class:`tokenreduce.Aux` (default: as saved).
+    Eval outputs are bit-identical to the saved model's.
     """
     from .api import apply
 
@@ -102,7 +104,8 @@ def load(path: PathLike | Mapping, model: nn.Module | None = None, map_location:
     param = next(dense.parameters(), None)
     example = torch.zeros(cfg["example_shape"], device=param.device if param is not None else "cpu",
                           dtype=param.dtype if param is not None else torch.float32).normal_()
-    reduced = apply(dense, cfg["method"], cfg["locs"], cfg["keep_ratio"], example_input=example, aux=cfg["aux"])
+    reduced = apply(dense, cfg["method"], cfg["locs"], cfg["keep_ratio"], example_input=example,
+                    aux=cfg["aux"] if aux is None else aux)
     reduced.load_state_dict(ckpt["state_dict"], strict=True)
     return reduced.eval()
 

@@ -31,7 +31,7 @@ from typing import Sequence
 __all__ = ["COMMAND_MODULES", "add_model_arguments", "build_parser", "load_from_args", "main", "parse_keep",
            "parse_locs"]
 
-COMMAND_MODULES = ("tokenreduce.bench.command", "tokenreduce.train.command")
+COMMAND_MODULES = ("tokenreduce.bench.command", "tokenreduce.train.command", "tokenreduce.vis_command")
 DEMO_METHODS = ("etps", "evit", "dtps", "dynamicvit")
 DEMO_LOCS = (3, 6, 9)
 DEMO_KEEP = 0.7
