@@ -64,32 +64,49 @@ def _row_scale(base, rows, mask, C, stride_n, BLOCK: tl.constexpr, BLOCK_C: tl.c
 
 
 @triton.jit
+def _accumulate(dots, ssq_p, ssq_r, r_base, p_base, rows_r, rows_p, mask_r, mask_p, c0, C, stride_rn, stride_pn,
+                scale_r, scale_p, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, SCALED: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """One channel chunk of the dot products (BLOCK_P, BLOCK_R) and both squared norms, fp32; with
+    ``SCALED`` of the rows times their ``scale`` (powers of two, exact)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    xp = tl.load(p_base + rows_p[:, None] * stride_pn + offs_c[None, :],
+                 mask=mask_p[:, None] & mask_c[None, :], other=0.0)  # (BLOCK_P, BLOCK_C), input dtype
+    xr_t = tl.load(r_base + rows_r[None, :] * stride_rn + offs_c[:, None],
+                   mask=mask_c[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_C, BLOCK_R), transposed
+    if SCALED:
+        xp = (xp.to(tl.float32) * scale_p[:, None]).to(xp.dtype)
+        xr_t = (xr_t.to(tl.float32) * scale_r[None, :]).to(xr_t.dtype)
+    xp_f = xp.to(tl.float32)
+    xr_f = xr_t.to(tl.float32)
+    if DOT_F32:
+        dots = tl.dot(xp_f, xr_f, dots, input_precision=PRECISION)
+    else:
+        dots = tl.dot(xp, xr_t, dots, input_precision=PRECISION)
+    return dots, ssq_p + tl.sum(xp_f * xp_f, axis=1), ssq_r + tl.sum(xr_f * xr_f, axis=0)
+
+
+@triton.jit
 def _dots_and_norms(r_base, p_base, rows_r, rows_p, mask_r, mask_p, C, stride_rn, stride_pn, scale_r, scale_p,
                     PRECISION: tl.constexpr, DOT_F32: tl.constexpr, SCALED: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """One pass over the channels: dot products (BLOCK_P, BLOCK_R) and both sets of squared
-    norms, fp32; with ``SCALED`` of the rows times their ``scale`` (powers of two, exact)."""
+    norms, fp32. The scaled pass (the rare overflow branch) runs unpipelined: Triton 3.6's
+    pipeliner fails on a pipelined loop inside that branch on sm_90 ("does not dominate")."""
     dots = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
     ssq_p = tl.zeros([BLOCK_P], dtype=tl.float32)
     ssq_r = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        xp = tl.load(p_base + rows_p[:, None] * stride_pn + offs_c[None, :],
-                     mask=mask_p[:, None] & mask_c[None, :], other=0.0)  # (BLOCK_P, BLOCK_C), input dtype
-        xr_t = tl.load(r_base + rows_r[None, :] * stride_rn + offs_c[:, None],
-                       mask=mask_c[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_C, BLOCK_R), transposed
-        if SCALED:
-            xp = (xp.to(tl.float32) * scale_p[:, None]).to(xp.dtype)
-            xr_t = (xr_t.to(tl.float32) * scale_r[None, :]).to(xr_t.dtype)
-        xp_f = xp.to(tl.float32)
-        xr_f = xr_t.to(tl.float32)
-        if DOT_F32:
-            dots = tl.dot(xp_f, xr_f, dots, input_precision=PRECISION)
-        else:
-            dots = tl.dot(xp, xr_t, dots, input_precision=PRECISION)
-        ssq_p += tl.sum(xp_f * xp_f, axis=1)
-        ssq_r += tl.sum(xr_f * xr_f, axis=0)
+    if SCALED:
+        for c0 in tl.range(0, C, BLOCK_C, num_stages=1):
+            dots, ssq_p, ssq_r = _accumulate(dots, ssq_p, ssq_r, r_base, p_base, rows_r, rows_p, mask_r, mask_p, c0,
+                                             C, stride_rn, stride_pn, scale_r, scale_p, PRECISION, DOT_F32, True,
+                                             BLOCK_C)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            dots, ssq_p, ssq_r = _accumulate(dots, ssq_p, ssq_r, r_base, p_base, rows_r, rows_p, mask_r, mask_p, c0,
+                                             C, stride_rn, stride_pn, scale_r, scale_p, PRECISION, DOT_F32, False,
+                                             BLOCK_C)
     return dots, ssq_p, ssq_r
 
 
