@@ -17,8 +17,8 @@ the fuse kernel or, when 128 < Np < Nr, the update kernel.
 
 Precision: every sum is in fp32. The similarity is a tensor-core product with fp32
 accumulation: exact products for bf16 / fp16 inputs, ``input_precision="tf32x3"`` for fp32
-inputs (three TF32 products, relative error ~2^-22). A tile whose squared norms overflow (rows
-above ~1.8e19, or inf / NaN) is redone with every row scaled by a power of two. The merge
+inputs (three TF32 products, relative error ~2^-22). Squared norms of rows above ~1.8e19
+overflow fp32; their cosines are NaN and rank last (the reference rescales instead). The merge
 multiplies the 0/1 match matrix (exact in bf16) by w * xp split into three bf16 parts, so it is
 fp32-accurate for every input dtype.
 
