@@ -101,7 +101,7 @@ def _reduced_from_args(args: argparse.Namespace):
 
     loaded = load_from_args(args)
     if loaded.reduced is not None:
-        return loaded.dense, loaded.reduced
+        return loaded.dense, loaded.reduced.eval()
     torch.manual_seed(0)  # learned scorers: the same random head every run
     reduced = tokenreduce.apply(loaded.dense, method=args.method, locs=parse_locs(args.locs),
                                 keep_ratio=parse_keep(args.keep_ratio), example_input=example_batch(args.img_size))

@@ -31,6 +31,7 @@ Loc = Union[int, str]
 def keep_count(counts: str, ratio: float, n_in: int, n_ref: int) -> int:
     """Patch tokens a site keeps, in [1, n_in]. Rounding guards against float noise
     (0.7 * 200 = 140.00000000000003 must keep 140, not 141)."""
+    n_in, n_ref = int(n_in), int(n_ref)  # sizes arrive as 0-dim tensors under TorchScript tracing
     if counts == "per_site":
         k = math.ceil(round(ratio * n_in, 6))
     else:
