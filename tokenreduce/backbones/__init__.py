@@ -32,3 +32,6 @@ __all__ = [
     "pvt_small",
     "pvt_tiny",
 ]
+
+# The digit ViTs of the built-in fine-tuning data (vit_digits_*), so timm names them everywhere.
+from ..train import teacher as _digit_teachers  # noqa: E402, F401
