@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench-cpu clean
+.PHONY: demo test lint format test-slow bench-cpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,14 +15,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m tokenreduce.cli demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench-cpu: $(STAMP)
-	$(PY) benchmarks/cpu.py
+	$(PY) benchmarks/throughput.py --device cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -48,16 +48,20 @@ def site_merge(batch: int) -> list[dict]:
         moved = x.element_size() * batch * C * (P + n + P + k)  # read the stream, write the output
         entry["memory_floor_ms"] = moved / 3.3e12 * 1e3
         results.append(entry)
-        print(f"{entry['shape']} {entry['dtype']:>8}: Triton {entry['triton_ms']:.3f} / reference "
-              f"{entry['reference_ms']:.3f} / Inductor {entry['inductor_ms']:.3f} / floor "
-              f"{entry['memory_floor_ms']:.3f} ms; topk_split {entry['topk_split_ms']:.3f} ms; rows off by >1%: "
-              f"{entry['rows_off_by_1pct']:.2%}", flush=True)
+        print(
+            f"{entry['shape']} {entry['dtype']:>8}: Triton {entry['triton_ms']:.3f} / reference "
+            f"{entry['reference_ms']:.3f} / Inductor {entry['inductor_ms']:.3f} / floor "
+            f"{entry['memory_floor_ms']:.3f} ms; topk_split {entry['topk_split_ms']:.3f} ms; rows off by >1%: "
+            f"{entry['rows_off_by_1pct']:.2%}",
+            flush=True,
+        )
     return results
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--tilings", action="store_true", help="every tiling of every squeeze kernel instead")
     p.add_argument("--out", default=os.environ.get("OUT") or "./bench-out")
@@ -76,8 +80,11 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     results = site_merge(args.batch)
     with open(os.path.join(args.out, "site-merge-kernels.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, batch=args.batch,
-                       rows=results), f, indent=1)
+        json.dump(
+            dict(device=torch.cuda.get_device_name(), torch=torch.__version__, batch=args.batch, rows=results),
+            f,
+            indent=1,
+        )
     return 0
 
 

@@ -79,9 +79,13 @@ def gc_effect(fn, calls: int = 50) -> dict:
         wall_frozen = round_robin({"f": fn}, "cuda")["f"]
     finally:
         gc.unfreeze()
-    return dict(gc_passes_per_call=[p / calls for p in w.passes], gc_ms_per_call=w.ms / calls,
-                host_ms_gc_frozen=frozen, wall_ms_gc_frozen=sorted(wall_frozen)[len(wall_frozen) // 2],
-                heap_objects=len(gc.get_objects()))
+    return dict(
+        gc_passes_per_call=[p / calls for p in w.passes],
+        gc_ms_per_call=w.ms / calls,
+        host_ms_gc_frozen=frozen,
+        wall_ms_gc_frozen=sorted(wall_frozen)[len(wall_frozen) // 2],
+        heap_objects=len(gc.get_objects()),
+    )
 
 
 def cprofile(fn, calls: int = 20, top: int = 40) -> str:
@@ -104,14 +108,23 @@ def profile_variant(name: str, fn, detail: bool) -> tuple[dict, dict[str, str]]:
         fams[family(k)] = fams.get(family(k), 0.0) + v
     total = sum(kernels.values())
     launches = sum(1 for e in prof.events() if e.device_type.name == "CUDA") / 5
-    row = dict(variant=name, wall_ms=sorted(wall)[len(wall) // 2], host_ms=host_ms(fn), gpu_us=total,
-               launches=launches, reduction_us=reduction_us(kernels), reduction_share=reduction_us(kernels) / total
-               if total else None, families_us=fams, kernels_us={k[:120]: round(v, 1) for k, v in kernels.items()},
-               **gc_effect(fn))
+    row = dict(
+        variant=name,
+        wall_ms=sorted(wall)[len(wall) // 2],
+        host_ms=host_ms(fn),
+        gpu_us=total,
+        launches=launches,
+        reduction_us=reduction_us(kernels),
+        reduction_share=reduction_us(kernels) / total if total else None,
+        families_us=fams,
+        kernels_us={k[:120]: round(v, 1) for k, v in kernels.items()},
+        **gc_effect(fn),
+    )
     texts = {}
     if detail:
-        texts[f"operators {name}"] = prof.key_averages().table(sort_by="self_device_time_total", row_limit=60,
-                                                               max_name_column_width=70)
+        texts[f"operators {name}"] = prof.key_averages().table(
+            sort_by="self_device_time_total", row_limit=60, max_name_column_width=70
+        )
         texts[f"cprofile {name}"] = cprofile(fn)
     return row, texts
 
@@ -127,13 +140,20 @@ def op_alone(model: str, batch: int) -> dict:
     with torch.no_grad():
         wall = round_robin({"op": op}, "cuda")["op"]
         kernels, _ = kernel_times(op, 5)
-        return dict(variant=f"op squeeze_tokens C{C}", wall_ms=sorted(wall)[2], host_ms=host_ms(op),
-                    gpu_us=sum(kernels.values()), kernels_us=kernels, cprofile=cprofile(op, 200, 30))
+        return dict(
+            variant=f"op squeeze_tokens C{C}",
+            wall_ms=sorted(wall)[2],
+            host_ms=host_ms(op),
+            gpu_us=sum(kernels.values()),
+            kernels_us=kernels,
+            cprofile=cprofile(op, 200, 30),
+        )
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--variants", default="dense,limit[etps]@0.7,etps@0.7,limit[dtps]@0.7,dtps@0.7,dynamicvit@0.7")
     p.add_argument("--detail", default="etps@0.7", help="variants to profile by operator and with cProfile")
@@ -154,8 +174,9 @@ def main() -> int:
     wanted = [Variant.parse(v) for v in args.variants.split(",")]
     reduced = [v for v in wanted if v.kind != "dense"]
     dense = load_model(args.model).dense.cuda().eval()
-    modules, _ = build_variants(args.model, dense, methods=sorted({v.method for v in reduced}),
-                                ratios=sorted({v.ratio for v in reduced}))
+    modules, _ = build_variants(
+        args.model, dense, methods=sorted({v.method for v in reduced}), ratios=sorted({v.ratio for v in reduced})
+    )
     x = torch.randn(args.batch, 3, 224, 224, device="cuda")
     rows, texts = [], {}
     print(f"{args.model} batch {args.batch}, torch {torch.__version__}, {torch.cuda.get_device_name()}")
@@ -179,19 +200,34 @@ def main() -> int:
         rows.append(row)
         texts.update(t)
         fams = ", ".join(f"{f} {us:.0f}" for f, us in sorted(row["families_us"].items(), key=lambda kv: -kv[1]))
-        print(f"{v.name:22s} wall {row['wall_ms']:7.3f} ms  host {row['host_ms']:7.3f} ms  "
-              f"GPU {row['gpu_us'] / 1e3:7.3f} ms  {row['launches']:.0f} launches  "
-              f"reduction {row['reduction_us']:.0f} us  gc {row['gc_ms_per_call']:.3f} ms/call  ({fams})")
+        print(
+            f"{v.name:22s} wall {row['wall_ms']:7.3f} ms  host {row['host_ms']:7.3f} ms  "
+            f"GPU {row['gpu_us'] / 1e3:7.3f} ms  {row['launches']:.0f} launches  "
+            f"reduction {row['reduction_us']:.0f} us  gc {row['gc_ms_per_call']:.3f} ms/call  ({fams})"
+        )
     if args.op:
         rows.append(op_alone(args.model, args.batch))
         texts["cprofile op"] = rows[-1].pop("cprofile")
-        print(f"{rows[-1]['variant']:22s} wall {rows[-1]['wall_ms']:7.3f} ms  host {rows[-1]['host_ms']:7.3f} ms  "
-              f"GPU {rows[-1]['gpu_us'] / 1e3:7.3f} ms")
+        print(
+            f"{rows[-1]['variant']:22s} wall {rows[-1]['wall_ms']:7.3f} ms  host {rows[-1]['host_ms']:7.3f} ms  "
+            f"GPU {rows[-1]['gpu_us'] / 1e3:7.3f} ms"
+        )
     for title, text in texts.items():
         print(f"\n===== {title}\n{text}")
     with open(os.path.join(args.out, f"profile-{args.model}.json"), "w") as f:
-        json.dump(dict(torch=torch.__version__, device=torch.cuda.get_device_name(), model=args.model,
-                       batch=args.batch, reduction_pattern=REDUCTION_KERNELS, rows=rows, texts=texts), f, indent=1)
+        json.dump(
+            dict(
+                torch=torch.__version__,
+                device=torch.cuda.get_device_name(),
+                model=args.model,
+                batch=args.batch,
+                reduction_pattern=REDUCTION_KERNELS,
+                rows=rows,
+                texts=texts,
+            ),
+            f,
+            indent=1,
+        )
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Render the JSON of benchmarks/throughput.py (or ``tokenreduce benchmark --json``) as markdown.
 
-    python benchmarks/report.py bench-out/throughput.json [more.json ...] [--screen]
+python benchmarks/report.py bench-out/throughput.json [more.json ...] [--screen]
 """
 
 from __future__ import annotations

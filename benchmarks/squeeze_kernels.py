@@ -26,19 +26,52 @@ import triton.testing
 from tokenreduce.ops import squeeze_triton as st
 
 SHAPES = [  # (label, B, P, n, k, C)
-    ("S s1 .7", 256, 1, 196, 137, 384), ("S s2 .7", 256, 1, 137, 96, 384), ("S s3 .7", 256, 1, 96, 67, 384),
-    ("S s1 .5", 256, 1, 196, 98, 384), ("S s2 .5", 256, 1, 98, 49, 384),
-    ("B s1 .7", 256, 1, 196, 137, 768), ("B s1 .5", 256, 1, 196, 98, 768), ("S s1 .7 b1", 1, 1, 196, 137, 384),
+    ("S s1 .7", 256, 1, 196, 137, 384),
+    ("S s2 .7", 256, 1, 137, 96, 384),
+    ("S s3 .7", 256, 1, 96, 67, 384),
+    ("S s1 .5", 256, 1, 196, 98, 384),
+    ("S s2 .5", 256, 1, 98, 49, 384),
+    ("B s1 .7", 256, 1, 196, 137, 768),
+    ("B s1 .5", 256, 1, 196, 98, 768),
+    ("S s1 .7 b1", 1, 1, 196, 137, 384),
     # PVT-Tiny's sites (the starts of stages 2-4, no prefix token) at keep 0.7
-    ("PVT s2 .7", 256, 0, 784, 549, 128), ("PVT s3 .7", 256, 0, 196, 137, 320), ("PVT s4 .7", 256, 0, 49, 34, 512),
+    ("PVT s2 .7", 256, 0, 784, 549, 128),
+    ("PVT s3 .7", 256, 0, 196, 137, 320),
+    ("PVT s4 .7", 256, 0, 49, 34, 512),
 ]
-HOSTS = [(p, r, c, w, s) for p in (32, 64, 128) for r, c, w, s in  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
-         ((64, 16, 4, 4), (64, 32, 4, 3), (32, 32, 4, 3), (64, 64, 4, 2), (32, 16, 4, 4), (64, 32, 8, 3))]
+HOSTS = [
+    (p, r, c, w, s)
+    for p in (32, 64, 128)
+    for r, c, w, s in (  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
+        (64, 16, 4, 4),
+        (64, 32, 4, 3),
+        (32, 32, 4, 3),
+        (64, 64, 4, 2),
+        (32, 16, 4, 4),
+        (64, 32, 8, 3),
+    )
+]
 FUSE = [  # (BLOCK_R, BLOCK_C, ROW_TILES, warps, stages); BLOCK_P: _block_p
-    (32, 64, 1, 4, 2), (32, 32, 1, 4, 2), (16, 64, 1, 4, 2), (32, 128, 1, 4, 2), (64, 64, 1, 8, 2), (32, 64, 2, 4, 2)]
-UPDATE = [(p, r, c, w, s) for p in (128, 64, 32) for r, c, w, s in  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
-          ((32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2),
-           (64, 32, 4, 3))]
+    (32, 64, 1, 4, 2),
+    (32, 32, 1, 4, 2),
+    (16, 64, 1, 4, 2),
+    (32, 128, 1, 4, 2),
+    (64, 64, 1, 8, 2),
+    (32, 64, 2, 4, 2),
+]
+UPDATE = [
+    (p, r, c, w, s)
+    for p in (128, 64, 32)
+    for r, c, w, s in (  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
+        (32, 64, 4, 2),
+        (32, 32, 4, 2),
+        (64, 64, 8, 2),
+        (32, 128, 8, 2),
+        (32, 64, 8, 2),
+        (16, 64, 4, 2),
+        (64, 32, 4, 3),
+    )
+]
 
 
 def hosts(x, kept, pruned, P, keys, cfg):
@@ -47,9 +80,29 @@ def hosts(x, kept, pruned, P, keys, cfg):
     Nr, Np = kept.shape[1], pruned.shape[1]
     keys.fill_(torch.iinfo(torch.int64).min)
     st._squeeze_hosts_kernel[(triton.cdiv(Nr, r), triton.cdiv(Np, bp), B)](
-        x, x, kept, pruned, keys, Nr, Np, C, P, *x.stride()[:2], *x.stride()[:2], *kept.stride(),
-        *pruned.stride(), EPS=1e-6, PRECISION=st._precision(x.dtype), DOT_F32=False, HAS_IDX=True,
-        BLOCK_P=bp, BLOCK_R=r, BLOCK_C=c, num_warps=w, num_stages=s)
+        x,
+        x,
+        kept,
+        pruned,
+        keys,
+        Nr,
+        Np,
+        C,
+        P,
+        *x.stride()[:2],
+        *x.stride()[:2],
+        *kept.stride(),
+        *pruned.stride(),
+        EPS=1e-6,
+        PRECISION=st._precision(x.dtype),
+        DOT_F32=False,
+        HAS_IDX=True,
+        BLOCK_P=bp,
+        BLOCK_R=r,
+        BLOCK_C=c,
+        num_warps=w,
+        num_stages=s,
+    )
 
 
 def fuse(x, kept, pruned, P, keys, y, cfg):
@@ -57,9 +110,32 @@ def fuse(x, kept, pruned, P, keys, y, cfg):
     B, _, C = x.shape
     Nr, Np = kept.shape[1], pruned.shape[1]
     st._squeeze_fuse_kernel[(triton.cdiv(C, c), triton.cdiv(P + Nr, r * t), B)](
-        x, x, kept, pruned, keys, y, Nr, Np, C, P, *x.stride()[:2], *x.stride()[:2], *kept.stride(),
-        *pruned.stride(), *y.stride()[:2], E=math.e, DOT_F32=False, HAS_IDX=True, ONE_P=st._block_p(Np) >= Np,
-        BLOCK_R=r, BLOCK_P=st._block_p(Np), BLOCK_C=c, ROW_TILES=t, num_warps=w, num_stages=s)
+        x,
+        x,
+        kept,
+        pruned,
+        keys,
+        y,
+        Nr,
+        Np,
+        C,
+        P,
+        *x.stride()[:2],
+        *x.stride()[:2],
+        *kept.stride(),
+        *pruned.stride(),
+        *y.stride()[:2],
+        E=math.e,
+        DOT_F32=False,
+        HAS_IDX=True,
+        ONE_P=st._block_p(Np) >= Np,
+        BLOCK_R=r,
+        BLOCK_P=st._block_p(Np),
+        BLOCK_C=c,
+        ROW_TILES=t,
+        num_warps=w,
+        num_stages=s,
+    )
 
 
 def update(x, kept, pruned, P, keys, y, cfg):
@@ -67,9 +143,30 @@ def update(x, kept, pruned, P, keys, y, cfg):
     B, _, C = x.shape
     Nr, Np = kept.shape[1], pruned.shape[1]
     st._squeeze_update_kernel[(triton.cdiv(C, c), B)](
-        x, x, kept, pruned, keys, y, Nr, Np, C, P, *x.stride()[:2], *x.stride()[:2], *kept.stride(),
-        *pruned.stride(), *y.stride()[:2], E=math.e, DOT_F32=False, HAS_IDX=True,
-        BLOCK_R=r, BLOCK_P=bp, BLOCK_C=c, num_warps=w, num_stages=s)
+        x,
+        x,
+        kept,
+        pruned,
+        keys,
+        y,
+        Nr,
+        Np,
+        C,
+        P,
+        *x.stride()[:2],
+        *x.stride()[:2],
+        *kept.stride(),
+        *pruned.stride(),
+        *y.stride()[:2],
+        E=math.e,
+        DOT_F32=False,
+        HAS_IDX=True,
+        BLOCK_R=r,
+        BLOCK_P=bp,
+        BLOCK_C=c,
+        num_warps=w,
+        num_stages=s,
+    )
 
 
 def main() -> int:
@@ -82,8 +179,10 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     bench = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3  # noqa: E731
     rows = []
-    print(f"{'site':<11} {'dtype':<8} {'copy':>5} {'default':>7} | {'hosts':>5} {'best':>5} {'cfg':<22} | "
-          f"{'fuse':>5} {'best':>5} {'cfg':<24} | {'updt':>5} {'cfg':<22}")
+    print(
+        f"{'site':<11} {'dtype':<8} {'copy':>5} {'default':>7} | {'hosts':>5} {'best':>5} {'cfg':<22} | "
+        f"{'fuse':>5} {'best':>5} {'cfg':<24} | {'updt':>5} {'cfg':<22}"
+    )
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         for label, B, P, n, k, C in [s for s in SHAPES if s[0].startswith(args.sites)]:
@@ -94,10 +193,20 @@ def main() -> int:
             Np = n - k
             ref, ref_keys = st._launch(x, x, kept, pruned, P, k, Np)
             torch.cuda.synchronize()
-            row = dict(site=label, dtype=dtype_name, B=B, P=P, n=n, k=k, C=C,
-                       copy_us=bench(lambda: x[:, :P + k].clone()),
-                       default_us=bench(lambda: st._launch(x, x, kept, pruned, P, k, Np)),
-                       hosts={}, fuse={}, differs=[])
+            row = dict(
+                site=label,
+                dtype=dtype_name,
+                B=B,
+                P=P,
+                n=n,
+                k=k,
+                C=C,
+                copy_us=bench(lambda: x[:, : P + k].clone()),
+                default_us=bench(lambda: st._launch(x, x, kept, pruned, P, k, Np)),
+                hosts={},
+                fuse={},
+                differs=[],
+            )
             keys = torch.empty_like(ref_keys)
             for cfg in HOSTS if "hosts" in args.sweep else [(st._block_p(Np), *st._HOSTS_CONFIGS[0])]:
                 hosts(x, kept, pruned, P, keys, cfg)
@@ -124,12 +233,17 @@ def main() -> int:
             fb = min(row["fuse"].items(), key=lambda kv: kv[1], default=("-", math.nan))
             ub = min(row["update"].items(), key=lambda kv: kv[1])
             differs = f" differs {len(row['differs'])}" if row["differs"] else ""
-            print(f"{label:<11} {dtype_name:<8} {row['copy_us']:5.1f} {row['default_us']:7.1f} | {h0:5.1f} "
-                  f"{hb[1]:5.1f} {hb[0]:<22} | {f0:5.1f} {fb[1]:5.1f} {fb[0]:<24} | {ub[1]:5.1f} {ub[0]:<22}{differs}",
-                  flush=True)
+            print(
+                f"{label:<11} {dtype_name:<8} {row['copy_us']:5.1f} {row['default_us']:7.1f} | {h0:5.1f} "
+                f"{hb[1]:5.1f} {hb[0]:<22} | {f0:5.1f} {fb[1]:5.1f} {fb[0]:<24} | {ub[1]:5.1f} {ub[0]:<22}{differs}",
+                flush=True,
+            )
     with open(os.path.join(args.out, "squeeze-kernels.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                       rows=rows), f, indent=1)
+        json.dump(
+            dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, rows=rows),
+            f,
+            indent=1,
+        )
     return 0
 
 

@@ -41,38 +41,64 @@ def parse_timings(text: str) -> tuple[tuple[int, str], ...]:
     for item in (t.strip() for t in text.split(",") if t.strip()):
         batch, _, mode = item.partition(":")
         if not batch.isdigit() or mode not in MODES:
-            raise argparse.ArgumentTypeError(f"--timings: expected BATCH:MODE with MODE one of {', '.join(MODES)}, "
-                                             f"got {item!r}")
+            raise argparse.ArgumentTypeError(
+                f"--timings: expected BATCH:MODE with MODE one of {', '.join(MODES)}, got {item!r}"
+            )
         out.append((int(batch), mode))
     return tuple(out)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     csv = lambda s: [t.strip() for t in s.split(",") if t.strip()]  # noqa: E731
-    p.add_argument("--models", type=csv, default=None, help="timm names (default: DeiT-S/T/B + PVT-Tiny on cuda, "
-                                                            "DeiT-S on cpu)")
-    p.add_argument("--methods", type=csv, default=None, help=f"default {','.join(METHODS)} "
-                                                             f"({','.join(HYBRID_METHODS)} for PVT/CvT)")
-    p.add_argument("--ratios", type=lambda s: [float(t) for t in csv(s)], default=None,
-                   help="keep ratios (default 0.7,0.5 on cuda, 0.7 on cpu; PVT 0.7, CvT 0.5)")
-    p.add_argument("--locs", type=csv, default=["3", "6", "9"],
-                   help="block indices for plain ViTs (hybrids take the library's default sites)")
+    p.add_argument(
+        "--models", type=csv, default=None, help="timm names (default: DeiT-S/T/B + PVT-Tiny on cuda, DeiT-S on cpu)"
+    )
+    p.add_argument(
+        "--methods",
+        type=csv,
+        default=None,
+        help=f"default {','.join(METHODS)} ({','.join(HYBRID_METHODS)} for PVT/CvT)",
+    )
+    p.add_argument(
+        "--ratios",
+        type=lambda s: [float(t) for t in csv(s)],
+        default=None,
+        help="keep ratios (default 0.7,0.5 on cuda, 0.7 on cpu; PVT 0.7, CvT 0.5)",
+    )
+    p.add_argument(
+        "--locs",
+        type=csv,
+        default=["3", "6", "9"],
+        help="block indices for plain ViTs (hybrids take the library's default sites)",
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None, help="default bf16 on cuda, none on cpu")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--timings", type=parse_timings, default=None,
-                   help=f"BATCH:MODE list (default cuda {TIMINGS['cuda']}; cpu {TIMINGS['cpu']})")
+    p.add_argument(
+        "--timings",
+        type=parse_timings,
+        default=None,
+        help=f"BATCH:MODE list (default cuda {TIMINGS['cuda']}; cpu {TIMINGS['cpu']})",
+    )
     p.add_argument("--iters", type=int, default=None, help="calls per repeat (default 30 cuda, 2 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 cuda, 2 cpu)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 repeats of <= 5 calls, 1 warm-up")
     p.add_argument("--kernels", action="store_true", help="record each timing's kernel times (cuda)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds per model; a compilation that would end past it is skipped and recorded")
-    p.add_argument("--no-triton-squeeze", action="store_true",
-                   help="serve tokenreduce's operators with the reference kernels (enable_triton_kernels(False))")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per model; a compilation that would end past it is skipped and recorded",
+    )
+    p.add_argument(
+        "--no-triton-squeeze",
+        action="store_true",
+        help="serve tokenreduce's operators with the reference kernels (enable_triton_kernels(False))",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=os.environ.get("OUT") or "./bench-out")
     args = p.parse_args(argv)
@@ -115,23 +141,38 @@ def main(argv=None) -> int:
     for name, value in (("recompile_limit", 64), ("cache_size_limit", 64)):  # many variants, one process
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, value)
-    protocol = Protocol(device=args.device, amp=args.amp, img_size=args.img_size, timings=args.timings,
-                        iters=args.iters, warmup=args.warmup, repeats=args.repeats, kernels=args.kernels,
-                        budget_s=args.budget)
+    protocol = Protocol(
+        device=args.device,
+        amp=args.amp,
+        img_size=args.img_size,
+        timings=args.timings,
+        iters=args.iters,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        kernels=args.kernels,
+        budget_s=args.budget,
+    )
     os.makedirs(args.out, exist_ok=True)
     t0, total = time.time(), None
     for model in args.models:
         methods, ratios, locs = plan_for(model, args)
         log(f"\n== {model}: {', '.join(methods)} at keep {', '.join(map(str, ratios))}")
-        result = bench.measure(model, protocol, methods=methods, ratios=ratios, locs=locs,
-                               progress=lambda m: log(f"[{time.time() - t0:6.0f} s] {m}"))
+        result = bench.measure(
+            model,
+            protocol,
+            methods=methods,
+            ratios=ratios,
+            locs=locs,
+            progress=lambda m: log(f"[{time.time() - t0:6.0f} s] {m}"),
+        )
         if total is None:
             total = result
             total.meta["models"] = []
         else:
             total.rows += result.rows
-        total.meta["models"].append({"model": model, "elapsed_s": result.meta["elapsed_s"],
-                                     "load_after": result.meta.get("load_after")})
+        total.meta["models"].append(
+            {"model": model, "elapsed_s": result.meta["elapsed_s"], "load_after": result.meta.get("load_after")}
+        )
         total.meta["args"] = vars(args)
         with open(os.path.join(args.out, "throughput.json"), "w") as f:
             json.dump(total.to_dict(), f, indent=1, default=str)

@@ -30,9 +30,12 @@ from tokenreduce.train import finetune, get_recipe
 from tokenreduce.train import teacher as _teachers  # noqa: F401  (registers the digit ViTs)
 
 SETTINGS = (  # (question, method, keep)
-    ("matching", "dtps", 0.7), ("matching", "dtps_match1to1", 0.7),
-    ("fusing", "dtps", 0.5), ("fusing", "dtps_avgfuse", 0.5),
-    ("fusing", "dtps_random", 0.5), ("fusing", "random_avgfuse", 0.5),
+    ("matching", "dtps", 0.7),
+    ("matching", "dtps_match1to1", 0.7),
+    ("fusing", "dtps", 0.5),
+    ("fusing", "dtps_avgfuse", 0.5),
+    ("fusing", "dtps_random", 0.5),
+    ("fusing", "random_avgfuse", 0.5),
 )
 
 
@@ -50,8 +53,9 @@ def main() -> int:
     p.add_argument("--amp", action="store_true")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    tokenreduce.register_method("random_avgfuse", scorer="random", reducer="avgfuse", placement="before",
-                                counts="cumulative")
+    tokenreduce.register_method(
+        "random_avgfuse", scorer="random", reducer="avgfuse", placement="before", counts="cumulative"
+    )
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dataset, model_name = ("digits", "vit_digits_tiny") if args.tiny else ("mnist5k", "vit_digits_mnist")
     if args.tiny:
@@ -63,23 +67,52 @@ def main() -> int:
         teacher.load_state_dict(torch.load(args.teacher, map_location="cpu", weights_only=True))
     teacher = teacher.to(dev).eval()
     locs = [int(s) for s in args.locs.split(",")]
-    report = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "locs": locs, "runs": []}
+    report = {
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "locs": locs,
+        "runs": [],
+    }
     for seed in range(args.seeds):
         for question, method, keep in SETTINGS:
             t = time.perf_counter()
-            r = finetune(teacher, dataset, method=method, locs=locs, keep_ratio=keep, recipe="tps",
-                         epochs=args.epochs, warmup_epochs=1, seed=seed, model_ema=False, eval_every=args.epochs,
-                         lr=get_recipe("tps").lr * args.lr_factor, batch_size=args.batch_size, device=dev,
-                         progress=False, amp_dtype="bfloat16" if args.amp else None, data_dir=args.npz,
-                         model_name=model_name)
-            row = {"question": question, "method": method, "keep": keep, "seed": seed,
-                   "before": r.history[0]["before"]["acc1"], "after": r.history[-1]["eval"]["acc1"],
-                   "seconds": time.perf_counter() - t}
+            r = finetune(
+                teacher,
+                dataset,
+                method=method,
+                locs=locs,
+                keep_ratio=keep,
+                recipe="tps",
+                epochs=args.epochs,
+                warmup_epochs=1,
+                seed=seed,
+                model_ema=False,
+                eval_every=args.epochs,
+                lr=get_recipe("tps").lr * args.lr_factor,
+                batch_size=args.batch_size,
+                device=dev,
+                progress=False,
+                amp_dtype="bfloat16" if args.amp else None,
+                data_dir=args.npz,
+                model_name=model_name,
+            )
+            row = {
+                "question": question,
+                "method": method,
+                "keep": keep,
+                "seed": seed,
+                "before": r.history[0]["before"]["acc1"],
+                "after": r.history[-1]["eval"]["acc1"],
+                "seconds": time.perf_counter() - t,
+            }
             report["runs"].append(row)
             (args.out / "ablations_digits.json").write_text(json.dumps(report, indent=1))
-            print(f"{question:8s} {method:15s} keep {keep} seed {seed}: {row['before']:.2f} -> {row['after']:.2f}"
-                  f" ({row['seconds']:.1f} s)", flush=True)
+            print(
+                f"{question:8s} {method:15s} keep {keep} seed {seed}: {row['before']:.2f} -> {row['after']:.2f}"
+                f" ({row['seconds']:.1f} s)",
+                flush=True,
+            )
     print(table(report), flush=True)
     return 0
 
@@ -93,12 +126,16 @@ def table(report: dict) -> str:
         groups.setdefault((r["question"], r["method"], r["keep"]), []).append(r)
     lines = ["| ablation | method | keep | before (mean ± sd) | after (mean ± sd) |", "|---|---|---|---|---|"]
     for (question, method, keep), rows in groups.items():
-        lines.append(f"| {question} | {method} | {keep} | {ms([r['before'] for r in rows])} | "
-                     f"{ms([r['after'] for r in rows])} |")
+        lines.append(
+            f"| {question} | {method} | {keep} | {ms([r['before'] for r in rows])} | {ms([r['after'] for r in rows])} |"
+        )
     after = {k[1]: statistics.mean(r["after"] for r in v) for k, v in groups.items() if k[0] == "fusing"}
     if len(after) == 4:
-        lines += ["", f"random-policy drop: weighting {after['dtps_random'] - after['dtps']:+.2f}, "
-                      f"averaging {after['random_avgfuse'] - after['dtps_avgfuse']:+.2f}"]
+        lines += [
+            "",
+            f"random-policy drop: weighting {after['dtps_random'] - after['dtps']:+.2f}, "
+            f"averaging {after['random_avgfuse'] - after['dtps_avgfuse']:+.2f}",
+        ]
     return "\n".join(lines)
 
 

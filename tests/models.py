@@ -7,7 +7,6 @@ by class-token attention and refuse them with an error, tested in test_errors.py
 import pytest
 import timm
 import torch
-
 from handwritten_vit import TinyViT
 
 ALL = ("etps", "evit", "dtps", "dynamicvit")
@@ -31,16 +30,27 @@ def _registry(size, slow=False):
         ("deit_small_patch16_224", timm_model("deit_small_patch16_224", img_size=s), (2, 3, s, s), ALL),
         ("deit_tiny_distilled", timm_model("deit_tiny_distilled_patch16_224", img_size=s), (2, 3, s, s), ALL),
         ("deit3_small_patch16_224", timm_model("deit3_small_patch16_224", img_size=s), (2, 3, s, s), ALL),
-        ("vit_small_reg4_dinov2", timm_model("vit_small_patch14_reg4_dinov2", img_size=s // 16 * 14),
-         (2, 3, s // 16 * 14, s // 16 * 14), ALL),
+        (
+            "vit_small_reg4_dinov2",
+            timm_model("vit_small_patch14_reg4_dinov2", img_size=s // 16 * 14),
+            (2, 3, s // 16 * 14, s // 16 * 14),
+            ALL,
+        ),
         ("vit_base_reg4_gap", timm_model("vit_base_patch16_reg4_gap_256", img_size=s), (1, 3, s, s), LEARNED),
         ("vit_base_patch16_clip_224", timm_model("vit_base_patch16_clip_224", img_size=s), (1, 3, s, s), ALL),
-        ("vit_small_gap", timm_model("vit_small_patch16_224", img_size=s, class_token=False, global_pool="avg"),
-         (2, 3, s, s), LEARNED),
+        (
+            "vit_small_gap",
+            timm_model("vit_small_patch16_224", img_size=s, class_token=False, global_pool="avg"),
+            (2, 3, s, s),
+            LEARNED,
+        ),
         ("handwritten", TinyViT, (2, 3, 32, 32), ALL),
     ]
-    return [(mid + ("" if not slow else "@224"), f, shape, methods, mark) for mid, f, shape, methods in rows
-            if not (slow and mid == "handwritten")]
+    return [
+        (mid + ("" if not slow else "@224"), f, shape, methods, mark)
+        for mid, f, shape, methods in rows
+        if not (slow and mid == "handwritten")
+    ]
 
 
 MODELS = _registry(96) + _registry(224, slow=True)

@@ -35,8 +35,10 @@ EPS = 1e-6
 
 def _cos(a, b):
     """(Na, C), (Nb, C) -> (Na, Nb) list of lists of float64 cosines with the +1e-6 norm rule."""
-    return [[float((a[i] * b[j]).sum() / ((a[i].norm() + EPS) * (b[j].norm() + EPS))) for j in range(len(b))]
-            for i in range(len(a))]
+    return [
+        [float((a[i] * b[j]).sum() / ((a[i].norm() + EPS) * (b[j].norm() + EPS))) for j in range(len(b))]
+        for i in range(len(a))
+    ]
 
 
 def _first_max(row):
@@ -95,8 +97,12 @@ def decided(queries, candidates, tol):
 def token_pairs(draw, dtypes=FLOATS, max_nr=6, max_np=8):
     """(reserved (B, Nr, C), pruned (B, Np, C)): Gaussian tokens; a token may instead copy an
     earlier one, copy it scaled by a positive factor, or be zero. Np in 0..max_np."""
-    B, Nr, Np, C = draw(st.integers(1, 3)), draw(st.integers(1, max_nr)), draw(st.integers(0, max_np)), draw(
-        st.integers(1, 5))
+    B, Nr, Np, C = (
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, max_nr)),
+        draw(st.integers(0, max_np)),
+        draw(st.integers(1, 5)),
+    )
     dtype = draw(st.sampled_from(dtypes))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     x = torch.randn(B, Nr + Np, C, generator=g, dtype=torch.float64) * draw(st.sampled_from([1e-2, 1.0, 30.0]))
@@ -116,8 +122,9 @@ def masked_inputs(draw, dtypes=FLOATS):
     reserved, pruned = draw(token_pairs(dtypes=dtypes, max_nr=5, max_np=5))
     x = torch.cat([reserved, pruned], dim=1)
     B, n, _ = x.shape
-    states = torch.tensor(draw(st.lists(st.lists(st.integers(0, 2), min_size=n, max_size=n), min_size=B,
-                                        max_size=B))).unsqueeze(-1)
+    states = torch.tensor(
+        draw(st.lists(st.lists(st.integers(0, 2), min_size=n, max_size=n), min_size=B, max_size=B))
+    ).unsqueeze(-1)
     return x, (states == 0).to(x.dtype), (states == 1).to(x.dtype)
 
 
@@ -145,7 +152,7 @@ def as_masked(reserved, pruned):
     keep = torch.zeros(B, Nr + Np + 1, 1, dtype=x.dtype)
     keep[:, :Nr] = 1.0
     pruned_now = torch.zeros_like(keep)
-    pruned_now[:, Nr: Nr + Np] = 1.0
+    pruned_now[:, Nr : Nr + Np] = 1.0
     return x, keep, pruned_now
 
 
@@ -179,8 +186,12 @@ def test_references_on_a_hand_computed_case():
     assert torch.allclose(ref_average_fuse(r, p), torch.stack([(r[0] + p[0] + p[1] + p[2]) / 4, r[1]]))
     # 1:1: r0 takes p1 (cosine 1), r1 takes p0 (the only positive cosine)
     c = 0.1 / math.hypot(2.0, 0.1)
-    expected = torch.stack([(math.e * r[0] + math.exp(1.0) * p[1]) / (2 * math.e),
-                            (math.e * r[1] + math.exp(c) * p[0]) / (math.e + math.exp(c))])
+    expected = torch.stack(
+        [
+            (math.e * r[0] + math.exp(1.0) * p[1]) / (2 * math.e),
+            (math.e * r[1] + math.exp(c) * p[0]) / (math.e + math.exp(c)),
+        ]
+    )
     assert torch.allclose(ref_match_one_to_one(r, p), expected, atol=1e-6)
     assert torch.allclose(match_one_to_one(r[None], p[None])[0], expected, atol=1e-6)
 
@@ -204,7 +215,7 @@ def test_average_fuse_outputs_are_convex_combinations(pair):
     host = average_fuse_assign(reserved, pruned)  # (B, Np)
     for b in range(reserved.shape[0]):
         for j in range(reserved.shape[1]):
-            group = torch.cat([reserved[b, j: j + 1], pruned[b][host[b] == j]])  # (1 + m, C)
+            group = torch.cat([reserved[b, j : j + 1], pruned[b][host[b] == j]])  # (1 + m, C)
             slack = 1e-5 * float(group.abs().max()) if reserved.dtype == torch.float32 else 1e-12
             assert (out[b, j] >= group.amin(0) - slack).all() and (out[b, j] <= group.amax(0) + slack).all()
 
@@ -215,8 +226,9 @@ def test_one_to_one_outputs_lie_between_each_token_and_its_partner(pair):
     reserved, pruned = pair
     assume(pruned.shape[1] > 0 and decided(reserved, pruned, TIE_TOL[reserved.dtype]))
     out = match_one_to_one(reserved, pruned).double()
-    taken = torch.tensor([[_first_max(row) for row in _cos(r.double(), p.double())]
-                          for r, p in zip(reserved, pruned)])  # (B, Nr), the float64 choice
+    taken = torch.tensor(
+        [[_first_max(row) for row in _cos(r.double(), p.double())] for r, p in zip(reserved, pruned)]
+    )  # (B, Nr), the float64 choice
     partner = pruned.double().gather(1, taken.unsqueeze(-1).expand(-1, -1, pruned.shape[2]))
     lo, hi = torch.minimum(reserved.double(), partner), torch.maximum(reserved.double(), partner)
     slack = RTOL[reserved.dtype] * float(torch.cat([reserved, pruned], 1).abs().max().double()) + 1e-12
@@ -279,10 +291,13 @@ def test_one_to_one_can_lose_a_pruned_token():
 # --------------------------------------------------------------------------- training forms
 
 
-@pytest.mark.parametrize("masked,split,queries", [
-    (match_one_to_one_masked, match_one_to_one, "reserved"),
-    (average_fuse_masked, average_fuse, "pruned"),
-])
+@pytest.mark.parametrize(
+    "masked,split,queries",
+    [
+        (match_one_to_one_masked, match_one_to_one, "reserved"),
+        (average_fuse_masked, average_fuse, "pruned"),
+    ],
+)
 @settings(max_examples=60)
 @given(inputs=masked_inputs())
 def test_training_form_equals_split_form(masked, split, queries, inputs):
@@ -294,13 +309,16 @@ def test_training_form_equals_split_form(masked, split, queries, inputs):
         assert torch.equal(out[b, ~kept], x[b, ~kept])  # every row not kept comes back bit for bit
         if not kept.any():
             continue
-        reserved, pruned = x[b: b + 1, kept], x[b: b + 1, pruned_now[b, :, 0].bool()]
-        ok = decided(reserved, pruned, TIE_TOL[x.dtype]) if queries == "reserved" else decided(
-            pruned, reserved, TIE_TOL[x.dtype])
+        reserved, pruned = x[b : b + 1, kept], x[b : b + 1, pruned_now[b, :, 0].bool()]
+        ok = (
+            decided(reserved, pruned, TIE_TOL[x.dtype])
+            if queries == "reserved"
+            else decided(pruned, reserved, TIE_TOL[x.dtype])
+        )
         if not ok:
             event("image skipped: near tie")
             continue
-        close(out[b: b + 1, kept], split(reserved, pruned), reserved, pruned)
+        close(out[b : b + 1, kept], split(reserved, pruned), reserved, pruned)
 
 
 @pytest.mark.parametrize("masked", [match_one_to_one_masked, average_fuse_masked])
@@ -333,7 +351,7 @@ def test_training_form_sends_gradient_to_pruned_now(op):
     x, keep, pruned_now = as_masked(reserved, pruned)
     pruned_now.requires_grad_()
     op(x, keep, pruned_now).square().sum().backward()
-    assert pruned_now.grad[:, reserved.shape[1]: reserved.shape[1] + pruned.shape[1]].abs().sum() > 0
+    assert pruned_now.grad[:, reserved.shape[1] : reserved.shape[1] + pruned.shape[1]].abs().sum() > 0
 
 
 @pytest.mark.parametrize("op", [match_one_to_one, average_fuse])

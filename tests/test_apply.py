@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from models import CASES, DEIT_S, build
 
 import tokenreduce
-from models import CASES, DEIT_S, build
 
 
 @pytest.mark.parametrize("mid,factory,shape,method", CASES)
@@ -57,8 +57,10 @@ def test_locs_accept_paths_and_default_to_the_paper_sites():
 
 def _snapshot(model):
     return {
-        "modules": [(name, type(m), m.training, dict(m._forward_hooks), dict(m._forward_pre_hooks),
-                     sorted(vars(m))) for name, m in model.named_modules()],
+        "modules": [
+            (name, type(m), m.training, dict(m._forward_hooks), dict(m._forward_pre_hooks), sorted(vars(m)))
+            for name, m in model.named_modules()
+        ],
         "params": {name: (p, p.detach().clone()) for name, p in model.named_parameters()},
     }
 
@@ -128,8 +130,9 @@ def test_indexed_reducer_equals_its_plain_form():
     from tokenreduce import Reducer, get_reducer, register_method, register_reducer
 
     register_reducer(Reducer("squeeze_plain", lambda kept, pruned, scores: tokenreduce.ops.squeeze(kept, pruned)))
-    method = register_method("etps_plain", scorer="cls_attention", reducer="squeeze_plain", placement="after_attn",
-                             counts="per_site")
+    method = register_method(
+        "etps_plain", scorer="cls_attention", reducer="squeeze_plain", placement="after_attn", counts="per_site"
+    )
     try:
         assert method.reducer.indexed is None and get_reducer("squeeze").indexed is not None
         model, x = build(DEIT_S, (2, 3, 224, 224))

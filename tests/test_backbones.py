@@ -1,4 +1,5 @@
 """PVT v1 and CvT backbones: size, FLOPs, fx-traceability, graph conventions, checkpoints."""
+
 import operator
 import re
 
@@ -6,10 +7,10 @@ import pytest
 import timm
 import torch
 import torch.fx
-from tokenreduce.backbones._common import Mlp
 
 import tokenreduce.backbones  # noqa: F401  (registers the models with timm)
 from tokenreduce.backbones import checkpoint_filter_fn
+from tokenreduce.backbones._common import Mlp
 from tokenreduce.backbones.cvt import ConvAttention
 from tokenreduce.backbones.pvt import SpatialReductionAttention
 from tokenreduce.flops import gflops
@@ -186,9 +187,7 @@ def test_every_spatial_op_reads_a_token_grid(name, spatial_inputs):
     model = timm.create_model(name, device="meta")
     gm = torch.fx.symbolic_trace(model)
     modules = dict(gm.named_modules())
-    convs = [
-        n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], torch.nn.Conv2d)
-    ]
+    convs = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], torch.nn.Conv2d)]
     grid_inputs = set()
     for conv in convs:
         src = conv.args[0]
@@ -271,25 +270,47 @@ OFFICIAL = {
     "pvt_tiny": (
         _official_pvt_name,
         {
-            "patch_embed1.proj.weight", "patch_embed1.norm.bias", "patch_embed4.proj.weight",
-            "pos_embed1", "pos_embed4", "cls_token", "norm.weight", "head.weight", "head.bias",
-            "block1.0.norm1.weight", "block1.0.attn.q.weight", "block1.0.attn.q.bias",
-            "block1.0.attn.kv.weight", "block1.0.attn.sr.weight", "block1.0.attn.sr.bias",
-            "block1.0.attn.norm.weight", "block1.0.attn.proj.weight", "block1.1.mlp.fc1.weight",
-            "block4.1.mlp.fc2.bias", "block4.1.norm2.weight",
+            "patch_embed1.proj.weight",
+            "patch_embed1.norm.bias",
+            "patch_embed4.proj.weight",
+            "pos_embed1",
+            "pos_embed4",
+            "cls_token",
+            "norm.weight",
+            "head.weight",
+            "head.bias",
+            "block1.0.norm1.weight",
+            "block1.0.attn.q.weight",
+            "block1.0.attn.q.bias",
+            "block1.0.attn.kv.weight",
+            "block1.0.attn.sr.weight",
+            "block1.0.attn.sr.bias",
+            "block1.0.attn.norm.weight",
+            "block1.0.attn.proj.weight",
+            "block1.1.mlp.fc1.weight",
+            "block4.1.mlp.fc2.bias",
+            "block4.1.norm2.weight",
         },
         {"block4.0.attn.sr.weight"},
     ),
     "cvt_13": (
         _official_cvt_name,
         {
-            "stage0.patch_embed.proj.weight", "stage0.patch_embed.norm.weight", "stage2.cls_token",
-            "stage0.blocks.0.attn.conv_proj_q.conv.weight", "stage0.blocks.0.attn.conv_proj_q.bn.weight",
+            "stage0.patch_embed.proj.weight",
+            "stage0.patch_embed.norm.weight",
+            "stage2.cls_token",
+            "stage0.blocks.0.attn.conv_proj_q.conv.weight",
+            "stage0.blocks.0.attn.conv_proj_q.bn.weight",
             "stage0.blocks.0.attn.conv_proj_k.bn.running_mean",
             "stage1.blocks.1.attn.conv_proj_v.bn.running_var",
-            "stage2.blocks.9.attn.conv_proj_v.bn.num_batches_tracked", "stage1.blocks.0.attn.proj_q.weight",
-            "stage2.blocks.9.attn.proj_k.bias", "stage2.blocks.9.attn.proj_v.weight",
-            "stage2.blocks.9.attn.proj.weight", "stage2.blocks.9.mlp.fc1.weight", "norm.weight", "head.bias",
+            "stage2.blocks.9.attn.conv_proj_v.bn.num_batches_tracked",
+            "stage1.blocks.0.attn.proj_q.weight",
+            "stage2.blocks.9.attn.proj_k.bias",
+            "stage2.blocks.9.attn.proj_v.weight",
+            "stage2.blocks.9.attn.proj.weight",
+            "stage2.blocks.9.mlp.fc1.weight",
+            "norm.weight",
+            "head.bias",
         },
         {"stage0.blocks.0.attn.conv_proj_q.conv.bias", "stage0.cls_token", "stage2.pos_embed"},
     ),

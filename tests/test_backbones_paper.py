@@ -1,5 +1,6 @@
 """LV-ViT and PS-ViT backbones (the TPS supplement's other families): size, FLOPs, tracing,
 checkpoints, the token labeling head and PS-ViT's sampling, and token reduction on both."""
+
 import math
 import re
 
@@ -76,7 +77,8 @@ def test_lvvit_t_flops_as_counted():
     """No published figure counts LV-ViT-T; this pins our count (docs/backbones.md): stem 1.24,
     blocks 1.58, heads 0.05 GMACs."""
     assert gflops(_eval("lvvit_t", device="meta"), torch.randn(1, 3, 224, 224, device="meta")) == pytest.approx(
-        2.868, abs=0.001)
+        2.868, abs=0.001
+    )
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -258,8 +260,11 @@ def test_default_sites_follow_the_supplement():
         "psvit_b_14": ["blocks.3", "blocks.6", "blocks.9"],
     }
     for name, paths in cases.items():
-        plan = tokenreduce.apply(_eval(name, device="meta"), method="dtps", keep_ratio=0.5,
-                                 example_input=x.to("meta")).meta["tokenreduce"].plan
+        plan = (
+            tokenreduce.apply(_eval(name, device="meta"), method="dtps", keep_ratio=0.5, example_input=x.to("meta"))
+            .meta["tokenreduce"]
+            .plan
+        )
         assert [s.path for s in plan.sites] == paths, name
         assert [s.keep for s in plan.sites] == [98, 49, 24], name
     assert lvvit.PAPER_LOCS["lvvit_s"][1] == (3, 6, 9, 12)
@@ -303,10 +308,22 @@ def _perturb_bn_stats(model):
 
 
 LVVIT_OFFICIAL = {
-    "patch_embed.conv1.weight", "patch_embed.bn1.running_mean", "patch_embed.conv3.weight",
-    "patch_embed.bn3.num_batches_tracked", "patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token",
-    "pos_embed", "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias",
-    "blocks.11.mlp.fc1.weight", "blocks.11.mlp.fc2.bias", "norm.weight", "head.weight", "aux_head.weight",
+    "patch_embed.conv1.weight",
+    "patch_embed.bn1.running_mean",
+    "patch_embed.conv3.weight",
+    "patch_embed.bn3.num_batches_tracked",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "cls_token",
+    "pos_embed",
+    "blocks.0.norm1.weight",
+    "blocks.0.attn.qkv.weight",
+    "blocks.0.attn.proj.bias",
+    "blocks.11.mlp.fc1.weight",
+    "blocks.11.mlp.fc2.bias",
+    "norm.weight",
+    "head.weight",
+    "aux_head.weight",
     "aux_head.bias",
 }
 
@@ -346,14 +363,29 @@ def test_psvit_official_checkpoint_loads_strictly_and_reproduces():
         if layer.offset_layer is not None:
             torch.nn.init.normal_(layer.offset_layer.weight, std=0.05)
     official = _official_psvit(source)
-    must = {"stem.0.weight", "stem.1.running_var", "stem.4.conv1.weight", "stem.4.downsample.0.weight",
-            "stem.5.bn3.bias", "pos_layer.weight", "ps_layers.0.position_layer.weight",
-            "ps_layers.0.transformer_layer.attn.qkv.weight", "ps_layers.2.offset_layer.bias",
-            "trans_layers.7.mlp.fc2.weight", "cls_token", "norm.weight", "head.bias", "point_coord"}
+    must = {
+        "stem.0.weight",
+        "stem.1.running_var",
+        "stem.4.conv1.weight",
+        "stem.4.downsample.0.weight",
+        "stem.5.bn3.bias",
+        "pos_layer.weight",
+        "ps_layers.0.position_layer.weight",
+        "ps_layers.0.transformer_layer.attn.qkv.weight",
+        "ps_layers.2.offset_layer.bias",
+        "trans_layers.7.mlp.fc2.weight",
+        "cls_token",
+        "norm.weight",
+        "head.bias",
+        "point_coord",
+    }
     assert must <= set(official), sorted(must - set(official))
     assert "ps_layers.3.offset_layer.weight" not in official and "stem.5.downsample.0.weight" not in official
-    target = _eval("psvit_ti_14", pretrained=True,
-                   pretrained_cfg_overlay=dict(state_dict={"model": {f"module.{k}": v for k, v in official.items()}}))
+    target = _eval(
+        "psvit_ti_14",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(state_dict={"model": {f"module.{k}": v for k, v in official.items()}}),
+    )
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))

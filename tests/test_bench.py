@@ -38,7 +38,7 @@ def test_limit_sites_are_the_first_tokens_and_identity_at_keep_1(tiny):
     limit.reduce_sites[0].register_forward_hook(lambda m, args, out: seen.append((args[0], out[0])))
     with torch.no_grad():
         limit(X)
-    (x_in, x_out), = seen
+    ((x_in, x_out),) = seen
     assert x_in.shape[1] == 17 and x_out.shape[1] == 1 + 8 + 1  # P + ceil(0.5 * 16) + EViT's fused token
     assert torch.equal(x_out, x_in[:, :10])
     full = bench.limit_of(tokenreduce.apply(tiny, method="etps", keep_ratio=1.0, example_input=X)).eval()
@@ -47,8 +47,7 @@ def test_limit_sites_are_the_first_tokens_and_identity_at_keep_1(tiny):
 
 
 def test_build_variants_shares_limits_and_records_refusals(tiny):
-    modules, rows = bench.build_variants("tiny", tiny, methods=("dtps", "dynamicvit", "nope"), ratios=(0.7,),
-                                         example=X)
+    modules, rows = bench.build_variants("tiny", tiny, methods=("dtps", "dynamicvit", "nope"), ratios=(0.7,), example=X)
     assert [r.variant for r in rows] == ["dense", "limit[dtps]@0.7", "dtps@0.7", "dynamicvit@0.7", "nope@0.7"]
     assert rows[2].limit == rows[3].limit == "limit[dtps]@0.7"
     assert rows[4].note.startswith("unsupported: ") and "unknown method 'nope'" in rows[4].note
@@ -82,14 +81,22 @@ def test_protocol_refuses_bad_requests():
 
 def _result() -> Result:
     def row(name, kind, ms, kernel_us=None, limit=None):
-        return Row(model="m", variant=name, kind=kind, limit=limit,
-                   timings=[Timing(batch=10, mode="default", ms=ms, kernel_us=kernel_us, host_ms=1.0)])
+        return Row(
+            model="m",
+            variant=name,
+            kind=kind,
+            limit=limit,
+            timings=[Timing(batch=10, mode="default", ms=ms, kernel_us=kernel_us, host_ms=1.0)],
+        )
 
-    return Result(meta={"device_type": "cuda", "protocol": {"amp": "bf16", "img_size": 224}}, rows=[
-        row("dense", "dense", [10.0, 10.0, 12.0], 9000.0),
-        row("limit[etps]@0.7", "limit", [5.0, 6.0, 7.0], 5000.0),
-        row("etps@0.7", "reduced", [8.0, 7.5, 9.0], 6250.0, limit="limit[etps]@0.7"),
-    ])
+    return Result(
+        meta={"device_type": "cuda", "protocol": {"amp": "bf16", "img_size": 224}},
+        rows=[
+            row("dense", "dense", [10.0, 10.0, 12.0], 9000.0),
+            row("limit[etps]@0.7", "limit", [5.0, 6.0, 7.0], 5000.0),
+            row("etps@0.7", "reduced", [8.0, 7.5, 9.0], 6250.0, limit="limit[etps]@0.7"),
+        ],
+    )
 
 
 def test_report_ratios_from_medians():
@@ -128,8 +135,7 @@ def test_format_table():
 
 @pytest.mark.slow
 def test_measure_compiled_cpu(tiny):
-    protocol = Protocol(device="cpu", amp="none", img_size=64, timings=((2, "default"),), iters=1, warmup=0,
-                        repeats=1)
+    protocol = Protocol(device="cpu", amp="none", img_size=64, timings=((2, "default"),), iters=1, warmup=0, repeats=1)
     result = bench.measure("tiny", protocol, dense=tiny, methods=("etps",))
     for row in result.rows:
         (t,) = row.timings

@@ -18,12 +18,34 @@ def _script(name):
 
 def test_throughput_cpu_then_report(tmp_path, capsys):
     out = tmp_path / "out"
-    assert _script("throughput").main(["--device", "cpu", "--quick", "--models", "deit_tiny_patch16_224",
-                                       "--img-size", "32", "--methods", "etps,dtps", "--timings", "2:eager,1:eager",
-                                       "--out", str(out)]) == 0
+    assert (
+        _script("throughput").main(
+            [
+                "--device",
+                "cpu",
+                "--quick",
+                "--models",
+                "deit_tiny_patch16_224",
+                "--img-size",
+                "32",
+                "--methods",
+                "etps,dtps",
+                "--timings",
+                "2:eager,1:eager",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads((out / "throughput.json").read_text())
-    assert [r["variant"] for r in data["rows"]] == ["dense", "limit[dtps]@0.7", "limit[etps]@0.7", "etps@0.7",
-                                                    "dtps@0.7"]
+    assert [r["variant"] for r in data["rows"]] == [
+        "dense",
+        "limit[dtps]@0.7",
+        "limit[etps]@0.7",
+        "etps@0.7",
+        "dtps@0.7",
+    ]
     assert all([(t["batch"], t["mode"]) for t in r["timings"]] == [(2, "eager"), (1, "eager")] for r in data["rows"])
     assert data["meta"]["protocol"]["repeats"] == 2 and data["meta"]["models"][0]["model"] == "deit_tiny_patch16_224"
     capsys.readouterr()

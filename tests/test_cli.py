@@ -15,9 +15,11 @@ TINY = "deit_tiny_patch16_224"
 
 
 def test_help_imports_no_torch_and_is_fast():
-    code = ("import sys, time; t = time.perf_counter(); from tokenreduce.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-            "print('torch' in sys.modules, 'timm' in sys.modules, time.perf_counter() - t)")
+    code = (
+        "import sys, time; t = time.perf_counter(); from tokenreduce.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print('torch' in sys.modules, 'timm' in sys.modules, time.perf_counter() - t)"
+    )
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     wall = time.perf_counter() - t0
@@ -136,9 +138,27 @@ def test_export_wiring(monkeypatch, tmp_path, capsys):
     fake = types.ModuleType("tokenreduce.export")
     fake.export = lambda reduced, path, **kw: calls.append((reduced, path, kw)) or tmp_path / "m.onnx"
     monkeypatch.setitem(sys.modules, "tokenreduce.export", fake)
-    assert main(["export", TINY, "--img-size", "64", "--method", "evit", "--format", "onnx",
-                 "--out", str(tmp_path / "m.onnx"), "--no-dynamic-batch", "--exporter", "torchscript"]) == 0
-    (reduced, path, kw), = calls
+    assert (
+        main(
+            [
+                "export",
+                TINY,
+                "--img-size",
+                "64",
+                "--method",
+                "evit",
+                "--format",
+                "onnx",
+                "--out",
+                str(tmp_path / "m.onnx"),
+                "--no-dynamic-batch",
+                "--exporter",
+                "torchscript",
+            ]
+        )
+        == 0
+    )
+    ((reduced, path, kw),) = calls
     assert reduced.meta["tokenreduce"].plan.method.name == "evit" and not reduced.training
     assert path == str(tmp_path / "m.onnx")
     assert kw["format"] == "onnx" and kw["dynamic_batch"] is False and kw["exporter"] == "torchscript"
@@ -147,8 +167,30 @@ def test_export_wiring(monkeypatch, tmp_path, capsys):
 
 
 def test_benchmark_json_cpu(capsys):
-    assert main(["benchmark", TINY, "--img-size", "32", "--method", "etps,dynamicvit", "--device", "cpu",
-                 "--batch", "2", "--iters", "1", "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "benchmark",
+                TINY,
+                "--img-size",
+                "32",
+                "--method",
+                "etps,dynamicvit",
+                "--device",
+                "cpu",
+                "--batch",
+                "2",
+                "--iters",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     data = json.loads(captured.out)
     assert "[benchmark]" in captured.err  # progress goes to stderr, the JSON alone to stdout
@@ -184,7 +226,7 @@ def test_demo_runs_every_method(capsys):
     assert "] timing dense and 4 reduced models in turns on cpu" in out  # progress lines
     assert "CPU load average" in out
     assert "== tokenreduce.summary(tokenreduce.apply(model, method='etps'" in out
-    table = out[out.index("== all methods"):]
+    table = out[out.index("== all methods") :]
     for method in ("dense", "etps", "evit", "dtps", "dynamicvit"):
         assert f"\n{method} " in table
     assert "139 / 98 / 69" in table  # eTPS tokens after blocks 3, 6, 9 of 197 (ceil(0.7 n) kept)
@@ -199,8 +241,28 @@ def test_benchmark_of_a_tokenreduce_checkpoint(tmp_path, capsys):
     reduced = tokenreduce.apply(dense, method="evit", keep_ratio=0.5, example_input=torch.randn(2, 3, 32, 32))
     path = tmp_path / "evit.pt"
     tokenreduce.save(reduced, path, model_kwargs={"img_size": 32})
-    assert main(["benchmark", str(path), "--img-size", "32", "--device", "cpu", "--batch", "1", "--iters", "1",
-                 "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "benchmark",
+                str(path),
+                "--img-size",
+                "32",
+                "--device",
+                "cpu",
+                "--batch",
+                "1",
+                "--iters",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["variant"] for r in rows] == ["dense", "limit[evit]@0.5", "evit@0.5"]
     # P + ceil(0.5 n) + the fused token; n = 4 patches, then 2 kept + 1 fused = 3, then again 3

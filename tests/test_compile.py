@@ -3,9 +3,9 @@ second batch size compiles at most once more."""
 
 import pytest
 import torch
+from models import CASES, build
 
 import tokenreduce
-from models import CASES, build
 
 
 class CountingBackend:
@@ -31,7 +31,11 @@ def _compile_and_check(reduced, x):
 
 # the default suite compiles one timm model with both placements and the hand-written model with
 # every method; the rest of the registry runs with -m slow
-FAST = [c for c in CASES if c.id in ("deit_small_patch16_224-etps", "deit_small_patch16_224-dtps") or c.id.startswith("handwritten-")]
+FAST = [
+    c
+    for c in CASES
+    if c.id in ("deit_small_patch16_224-etps", "deit_small_patch16_224-dtps") or c.id.startswith("handwritten-")
+]
 
 
 @pytest.mark.parametrize("mid,factory,shape,method", FAST)

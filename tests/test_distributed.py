@@ -13,10 +13,35 @@ from tokenreduce.train.state import load_finetuned, read_checkpoint
 
 def test_two_gloo_processes_train_and_the_checkpoint_reloads(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "tokenreduce.train.command", "finetune", "--dataset", "digits", "--model", "vit_digits_tiny",
-           "--method", "dynamicvit", "--locs", "1,2,3", "--keep-ratio", "0.5", "--epochs", "1", "-b", "64",
-           "--device", "cpu", "--output", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "tokenreduce.train.command",
+        "finetune",
+        "--dataset",
+        "digits",
+        "--model",
+        "vit_digits_tiny",
+        "--method",
+        "dynamicvit",
+        "--locs",
+        "1,2,3",
+        "--keep-ratio",
+        "0.5",
+        "--epochs",
+        "1",
+        "-b",
+        "64",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

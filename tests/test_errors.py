@@ -3,10 +3,10 @@
 import pytest
 import timm
 import torch
+from handwritten_vit import TinyViT
 from torch import nn
 
 import tokenreduce
-from handwritten_vit import TinyViT
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,9 @@ def vit():
 
 
 def test_out_of_range_locs_list_the_valid_ones(vit):
-    with pytest.raises(ValueError, match=r"block index 12 is out of range; valid: block indices 0\.\.11 or paths 'blocks\.0'"):
+    with pytest.raises(
+        ValueError, match=r"block index 12 is out of range; valid: block indices 0\.\.11 or paths 'blocks\.0'"
+    ):
         tokenreduce.apply(vit, locs=[3, 12])
 
 
@@ -88,7 +90,9 @@ class GatedViT(TinyViT):
 
 
 def test_untraceable_module_is_named_with_the_fix():
-    with pytest.raises(tokenreduce.TokenReduceError, match=r"could not trace module 'gate' \(Gate\).*register_leaf_module\(Gate\)"):
+    with pytest.raises(
+        tokenreduce.TokenReduceError, match=r"could not trace module 'gate' \(Gate\).*register_leaf_module\(Gate\)"
+    ):
         tokenreduce.apply(GatedViT(), example_input=torch.randn(1, 3, 32, 32))
 
 
@@ -117,5 +121,6 @@ def test_missing_example_input():
 
 def test_attention_scorer_before_the_block_is_refused():
     with pytest.raises(ValueError, match="reads the block's attention, which exists only after it has run"):
-        tokenreduce.register_method("early_cls", scorer="cls_attention", reducer="squeeze", placement="before",
-                                    counts="per_site")
+        tokenreduce.register_method(
+            "early_cls", scorer="cls_attention", reducer="squeeze", placement="before", counts="per_site"
+        )

@@ -27,8 +27,7 @@ BATCHES = (1, 3)  # through the dynamic axis; the export traced batch 2
 
 
 def small_deit(depth=3, img=32):
-    return timm.create_model("deit_tiny_patch16_224", img_size=img, patch_size=8, depth=depth,
-                             num_classes=10).eval()
+    return timm.create_model("deit_tiny_patch16_224", img_size=img, patch_size=8, depth=depth, num_classes=10).eval()
 
 
 # Block 2 and the head see the reduced tokens. A site in the last block would leave a class-token
@@ -74,8 +73,13 @@ def _onnx_case(model, method, exporter, shape, tmp_path, **kwargs):
     assert path.is_file()
     assert not any(m.training for m in reduced.modules()), "export changed the model's mode"
     errors = _check_onnx(reduced, path, shape)
-    log.info("%s %s %s: onnxruntime vs PyTorch max abs error, batch 1 / 3: %s", type(model).__name__, method,
-             exporter, errors)
+    log.info(
+        "%s %s %s: onnxruntime vs PyTorch max abs error, batch 1 / 3: %s",
+        type(model).__name__,
+        method,
+        exporter,
+        errors,
+    )
 
 
 # default suite: every method through the legacy exporter (about 1 s each); the dynamo exporter
@@ -123,8 +127,9 @@ def test_aux_outputs(tmp_path):
     assert len(got) == len(want)
     for name, g, w in zip(names, got, want):
         assert g.dtype == w.dtype and (g - w).abs().max() <= TOL, name
-    session = ort.InferenceSession(str(export(reduced, tmp_path / "aux.onnx", format="onnx")),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(export(reduced, tmp_path / "aux.onnx", format="onnx")), providers=["CPUExecutionProvider"]
+    )
     assert [o.name for o in session.get_outputs()] == names
     for name, g, w in zip(names, session.run(None, {"input": x.numpy()}), want):
         assert g.dtype == w.numpy().dtype and abs(g - w.numpy()).max() <= TOL, name
@@ -133,8 +138,9 @@ def test_aux_outputs(tmp_path):
 def test_fixed_batch_onnx(tmp_path):
     reduced = _reduced(small_deit(), "etps", locs=SMALL_LOCS)
     x = torch.randn(1, 3, 32, 32)
-    path = export(reduced, tmp_path / "b1.onnx", format="onnx", exporter="torchscript", example_input=x,
-                  dynamic_batch=False)
+    path = export(
+        reduced, tmp_path / "b1.onnx", format="onnx", exporter="torchscript", example_input=x, dynamic_batch=False
+    )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == [1, 3, 32, 32]
     (got,) = session.run(None, {"input": x.numpy()})

@@ -65,36 +65,45 @@ FAMILIES = [
     Family("EVA-02", "eva02_tiny_patch14_224", dict(img_size=56, depth=4), 56),
     Family("BEiT", "beit_base_patch16_224", dict(img_size=64, **_SMALL), 64, fast=True),
     Family("BEiT-v2", "beitv2_base_patch16_224", dict(img_size=64, **_SMALL), 64),
-    Family("ViT relpos (no class token)", "vit_relpos_small_patch16_224", dict(img_size=64, depth=4), 64,
-           _CLS_ONLY),
+    Family("ViT relpos (no class token)", "vit_relpos_small_patch16_224", dict(img_size=64, depth=4), 64, _CLS_ONLY),
     Family("ViT relpos, class token", "vit_relpos_base_patch16_clsgap_224", dict(img_size=64, **_SMALL), 64),
     Family("ViT shared relpos", "vit_srelpos_small_patch16_224", dict(img_size=64, depth=4), 64, _CLS_ONLY),
     Family("FlexiViT", "flexivit_small", dict(img_size=64, depth=4), 64),
     Family("ViT hybrid (ResNet stem)", "vit_tiny_r_s16_p8_224", dict(img_size=128), 128),  # 4 x 4 patches
     Family("ConViT", "convit_tiny", dict(img_size=64, depth=4, local_up_to_layer=2), 64),
     Family("CaiT", "cait_xxs24_224", dict(img_size=64, depth=4), 64, _CLS_ONLY),
-    Family("PiT", "pit_ti_224", dict(img_size=64), 64,
-           {**_CLS_ONLY, "dtps": PIT_GRID, "dynamicvit": PIT_GRID}),
-    Family("SigLIP (attention-pool head)", "vit_base_patch16_siglip_224", dict(img_size=64, **_SMALL), 64,
-           _CLS_ONLY),
-    Family("NaFlexViT", "naflexvit_base_patch16_gap", dict(img_size=64, **_SMALL), 64,
-           {"etps": NO_CLS_4_REG, "evit": NO_CLS_4_REG}),
+    Family("PiT", "pit_ti_224", dict(img_size=64), 64, {**_CLS_ONLY, "dtps": PIT_GRID, "dynamicvit": PIT_GRID}),
+    Family("SigLIP (attention-pool head)", "vit_base_patch16_siglip_224", dict(img_size=64, **_SMALL), 64, _CLS_ONLY),
+    Family(
+        "NaFlexViT",
+        "naflexvit_base_patch16_gap",
+        dict(img_size=64, **_SMALL),
+        64,
+        {"etps": NO_CLS_4_REG, "evit": NO_CLS_4_REG},
+    ),
     Family("CrossViT", "crossvit_tiny_240", dict(), 240, _all(FUSED_CLS)),
     Family("Twins-PCPVT", "twins_pcpvt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64, _CLS_ONLY),
     Family("ViTamin", "vitamin_small_224", dict(img_size=64), 64, _CLS_ONLY),
     Family("Hiera", "hiera_tiny_224", dict(img_size=64), 64, _CLS_ONLY),
-    Family("Swin", "swin_tiny_patch4_window7_224", dict(img_size=56, depths=(1, 1, 1, 1)), 56, _all(WINDOWED),
-           fast=True),
-    Family("Swin-v2", "swinv2_tiny_window8_256", dict(img_size=64, depths=(1, 1, 1, 1), window_size=8), 64,
-           _all(WINDOWED)),
+    Family(
+        "Swin", "swin_tiny_patch4_window7_224", dict(img_size=56, depths=(1, 1, 1, 1)), 56, _all(WINDOWED), fast=True
+    ),
+    Family(
+        "Swin-v2", "swinv2_tiny_window8_256", dict(img_size=64, depths=(1, 1, 1, 1), window_size=8), 64, _all(WINDOWED)
+    ),
     Family("MaxViT", "maxvit_tiny_tf_224", dict(img_size=64), 64, _all(WINDOWED)),
     Family("XCiT", "xcit_nano_12_p16_224", dict(img_size=64, depth=4), 64, _all(CHANNEL)),
     Family("TNT", "tnt_s_patch16_224", dict(img_size=64, depth=4), 64, _all(INNER)),
     Family("VOLO", "volo_d1_224", dict(img_size=64), 64, _all(GRID)),
     Family("FastViT (attention stages)", "fastvit_sa12", dict(), 64, _all(GRID)),
     Family("MViT-v2", "mvitv2_tiny", dict(img_size=64), 64, _all(NOT_PRE_NORM)),
-    Family("SAM ViT", "samvit_base_patch16", dict(img_size=64, window_size=2, global_attn_indexes=(1, 3), **_SMALL),
-           64, _all(NOT_PRE_NORM)),
+    Family(
+        "SAM ViT",
+        "samvit_base_patch16",
+        dict(img_size=64, window_size=2, global_attn_indexes=(1, 3), **_SMALL),
+        64,
+        _all(NOT_PRE_NORM),
+    ),
     Family("Next-ViT", "nextvit_small", dict(), 64, _all(NOT_PRE_NORM)),
     Family("EdgeNeXt", "edgenext_xx_small", dict(), 64, _all(NOT_PRE_NORM)),
     Family("Twins-SVT", "twins_svt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64, _all(NOT_FOUND)),
@@ -187,8 +196,10 @@ def test_family_slow(fam, method):
 def support_table(keep_ratio: float = 0.7) -> str:
     """Markdown rows, one per family: methods that work, GFLOPs dense -> reduced at the default sites
     (one image of the tested size, multiply-adds), and why the others are refused."""
-    lines = ["| family | model (tested config) | methods | GFLOPs dense -> reduced @0.7 | refused |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| family | model (tested config) | methods | GFLOPs dense -> reduced @0.7 | refused |",
+        "|---|---|---|---|---|",
+    ]
     for fam in FAMILIES:
         works, refused, cost, dense = [], [], [], None
         for method in METHODS:
@@ -208,19 +219,25 @@ def support_table(keep_ratio: float = 0.7) -> str:
             refused = [f"all: {reasons[0]}"]
         cfg = ", ".join(f"{k}={v}" for k, v in fam.kwargs.items())
         gf = f"{dense:.3f} -> " + ", ".join(cost) if works else ""
-        lines.append(f"| {fam.name} | `{fam.model}` ({cfg or 'default'}; {fam.size} px) | "
-                     f"{', '.join(works) or 'none'} | {gf} | {'; '.join(dict.fromkeys(refused))} |")
+        lines.append(
+            f"| {fam.name} | `{fam.model}` ({cfg or 'default'}; {fam.size} px) | "
+            f"{', '.join(works) or 'none'} | {gf} | {'; '.join(dict.fromkeys(refused))} |"
+        )
     return "\n".join(lines)
 
 
 def _reason(message: str) -> str:
-    for pattern, short in ((NO_CLS, "no class token"),
-                           (WINDOWED, "windowed attention"), (GRID, "attention on a (B, H, W, C) map"),
-                           (CHANNEL, "channel attention only"), (INNER, "inner transformer per token"),
-                           (FUSED_CLS, "class token fused across branches"),
-                           (NOT_PRE_NORM, "blocks are not pre-norm residual"),
-                           (NOT_FOUND, "attention not recognised"),
-                           (PIT_GRID, "class token carried beside the pooling grid")):
+    for pattern, short in (
+        (NO_CLS, "no class token"),
+        (WINDOWED, "windowed attention"),
+        (GRID, "attention on a (B, H, W, C) map"),
+        (CHANNEL, "channel attention only"),
+        (INNER, "inner transformer per token"),
+        (FUSED_CLS, "class token fused across branches"),
+        (NOT_PRE_NORM, "blocks are not pre-norm residual"),
+        (NOT_FOUND, "attention not recognised"),
+        (PIT_GRID, "class token carried beside the pooling grid"),
+    ):
         if re.search(pattern, message, re.S):
             return short
     return message[:80]

@@ -25,8 +25,18 @@ def dense(tmp_path_factory):
     torch.manual_seed(0)
     model = timm.create_model("vit_digits_tiny")
     out = tmp_path_factory.mktemp("dense")
-    result = finetune(model, "digits", method=None, epochs=4, lr=4e-3, mixup=0.0, cutmix=0.0, output=out,
-                      model_name="vit_digits_tiny", **FAST)
+    result = finetune(
+        model,
+        "digits",
+        method=None,
+        epochs=4,
+        lr=4e-3,
+        mixup=0.0,
+        cutmix=0.0,
+        output=out,
+        model_name="vit_digits_tiny",
+        **FAST,
+    )
     return result, out
 
 
@@ -45,8 +55,18 @@ def test_the_dense_loop_learns_the_digits(dense):
 def test_finetune_trains_a_copy_and_the_checkpoint_reloads(dense, tmp_path):
     model = dense[0].model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = finetune(model, "digits", method="dtps", locs=[1, 2, 3], keep_ratio=0.5, epochs=1, lr=1e-3,
-                      output=tmp_path, model_name="vit_digits_tiny", **FAST)
+    result = finetune(
+        model,
+        "digits",
+        method="dtps",
+        locs=[1, 2, 3],
+        keep_ratio=0.5,
+        epochs=1,
+        lr=1e-3,
+        output=tmp_path,
+        model_name="vit_digits_tiny",
+        **FAST,
+    )
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model: untouched
     trained = result.model.state_dict()
     assert any(not torch.equal(trained[k], v) for k, v in before.items() if k in trained)
@@ -61,15 +81,33 @@ def test_finetune_trains_a_copy_and_the_checkpoint_reloads(dense, tmp_path):
 
 
 def test_finetuning_beats_off_the_shelf_etps(dense, tmp_path):
-    result = finetune(dense[0].model, "digits", method="etps", locs=[1, 2, 3], keep_ratio=0.5, epochs=2, lr=1e-3,
-                      mixup=0.0, cutmix=0.0, model_ema=False, **FAST)
+    result = finetune(
+        dense[0].model,
+        "digits",
+        method="etps",
+        locs=[1, 2, 3],
+        keep_ratio=0.5,
+        epochs=2,
+        lr=1e-3,
+        mixup=0.0,
+        cutmix=0.0,
+        model_ema=False,
+        **FAST,
+    )
     before, after = result.history[0]["before"]["acc1"], result.history[-1]["eval"]["acc1"]
     assert after > before, (before, after)
 
 
 def test_resume_reaches_the_same_state(dense, tmp_path, monkeypatch):
-    kw = dict(method="dtps", locs=[1, 2, 3], keep_ratio=0.5, epochs=2, lr=1e-3, model_name="vit_digits_tiny",
-              **dict(FAST, batch_size=64))
+    kw = dict(
+        method="dtps",
+        locs=[1, 2, 3],
+        keep_ratio=0.5,
+        epochs=2,
+        lr=1e-3,
+        model_name="vit_digits_tiny",
+        **dict(FAST, batch_size=64),
+    )
     straight = finetune(dense[0].model, "digits", output=tmp_path / "a", **kw)
     real_save = loop.save_checkpoint
 
@@ -102,23 +140,43 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dense, tmp_p
         return train_losses.LossParts(total * float("nan"), dict(parts, total=float("nan")))
 
     monkeypatch.setattr(train_losses.TokenReductionLoss, "forward", poisoned)
-    with pytest.raises(tokenreduce.TokenReduceError, match=r"non-finite loss at epoch 1, step 0 .* the last good "
-                       r"checkpoint is .*last.pth \(epoch 0\)"):
+    with pytest.raises(
+        tokenreduce.TokenReduceError,
+        match=r"non-finite loss at epoch 1, step 0 .* the last good "
+        r"checkpoint is .*last.pth \(epoch 0\)",
+    ):
         finetune(dense[0].model, "digits", output=tmp_path, epochs=2, resume=tmp_path / "last.pth", **kw)
     assert (tmp_path / "last.pth").read_bytes() == good
 
 
 def test_dynamicvit_recipe_freezes_the_backbone_and_keeps_an_ema(dense):
     model = dense[0].model
-    result = finetune(model, "digits", method="dynamicvit", locs=[1, 2, 3], keep_ratio=0.5, epochs=1,
-                      freeze_backbone_epochs=1, **dict(FAST, batch_size=64))
+    result = finetune(
+        model,
+        "digits",
+        method="dynamicvit",
+        locs=[1, 2, 3],
+        keep_ratio=0.5,
+        epochs=1,
+        freeze_backbone_epochs=1,
+        **dict(FAST, batch_size=64),
+    )
     assert result.history[0]["backbone_frozen"] and "eval_ema" in result.history[0]
     dense_sd, trained = model.state_dict(), result.model.state_dict()
     heads = [k for k in trained if k.startswith("reduce_sites.")]
     assert heads and any(not torch.equal(trained[k], result.ema.state_dict()[k]) for k in heads)
     assert all(torch.equal(trained[k], v) for k, v in dense_sd.items())  # backbone (and cls/pos) untouched
-    loose = finetune(model, "digits", method="dynamicvit", locs=[1, 2, 3], keep_ratio=0.5, epochs=1,
-                     freeze_backbone_epochs=0, model_ema=False, **dict(FAST, batch_size=64)).model.state_dict()
+    loose = finetune(
+        model,
+        "digits",
+        method="dynamicvit",
+        locs=[1, 2, 3],
+        keep_ratio=0.5,
+        epochs=1,
+        freeze_backbone_epochs=0,
+        model_ema=False,
+        **dict(FAST, batch_size=64),
+    ).model.state_dict()
     assert torch.equal(loose["cls_token"], dense_sd["cls_token"])  # never trained by this recipe
     assert torch.equal(loose["pos_embed"], dense_sd["pos_embed"])
     assert not torch.equal(loose["blocks.0.attn.qkv.weight"], dense_sd["blocks.0.attn.qkv.weight"])
@@ -173,8 +231,17 @@ def test_image_folder_goes_through_timms_pipeline(dense, tmp_path):
             folder = tmp_path / split / str(int(y))
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(x[0].numpy()).save(folder / f"{i}.png")
-    result = finetune(dense[0].model, data_dir=tmp_path, method="evit", locs=[1, 2], keep_ratio=0.5, epochs=1,
-                      workers=0, lr=1e-3, **dict(FAST, batch_size=16))
+    result = finetune(
+        dense[0].model,
+        data_dir=tmp_path,
+        method="evit",
+        locs=[1, 2],
+        keep_ratio=0.5,
+        epochs=1,
+        workers=0,
+        lr=1e-3,
+        **dict(FAST, batch_size=16),
+    )
     assert result.history[0]["eval"]["images"] == 20 and np.isfinite(result.history[0]["loss"]["total"])
 
 

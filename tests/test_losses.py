@@ -10,8 +10,10 @@ from tokenreduce.train.losses import TokenReductionLoss, logit_distillation, rat
 
 
 def test_ratio_loss_matches_a_hand_computation():
-    keeps = [torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float64),
-             torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.float64)]
+    keeps = [
+        torch.tensor([[1.0, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float64),
+        torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.float64),
+    ]
     # site 0: means 0.5, 0.75 vs 0.7 -> (0.04 + 0.0025) / 2; site 1: means 0.25, 0 vs 0.49
     want = ((0.2**2 + 0.05**2) / 2 + (0.24**2 + 0.49**2) / 2) / 2
     assert ratio_loss(keeps, [0.7, 0.49]).item() == pytest.approx(want, abs=1e-12)
@@ -82,8 +84,16 @@ def test_token_reduction_loss_combines_weighted_parts():
     tokens, teacher_tokens = torch.randn(4, 6, 8, dtype=torch.float64), torch.randn(4, 6, 8, dtype=torch.float64)
     keeps = [torch.bernoulli(torch.full((4, 6), 0.6, dtype=torch.float64))]
     loss = TokenReductionLoss(SoftTargetCrossEntropy(), ratio_weight=2.0, distill_weight=0.5, token_loss="kl")
-    out = loss(logits, target, keeps=keeps, targets=[0.7], teacher_logits=teacher, tokens=tokens,
-               teacher_tokens=teacher_tokens, token_keep=keeps[0])
+    out = loss(
+        logits,
+        target,
+        keeps=keeps,
+        targets=[0.7],
+        teacher_logits=teacher,
+        tokens=tokens,
+        teacher_tokens=teacher_tokens,
+        token_keep=keeps[0],
+    )
     ce = float((-target * torch.log_softmax(logits, -1)).sum(-1).mean())
     ratio = ratio_loss(keeps, [0.7]).item()
     kl = logit_distillation(logits, teacher).item()

@@ -53,7 +53,10 @@ def test_cls_attention_compiled_form_matches(dtype):
 
 @settings(max_examples=50)
 @given(
-    B=st.integers(1, 3), H=st.integers(1, 4), N=st.integers(1, 9), d=st.integers(1, 5),
+    B=st.integers(1, 3),
+    H=st.integers(1, 4),
+    N=st.integers(1, 9),
+    d=st.integers(1, 5),
     seed=st.integers(0, 2**31),
 )
 def test_policy_softmax_all_ones_is_softmax(B, H, N, d, seed):

@@ -99,5 +99,7 @@ def test_prefix_rows_are_embedded_and_dropped(use_prev):
 
 
 def test_num_prefix_must_leave_a_token():
-    with pytest.raises(ValueError, match=r"ScoreHead: `num_prefix` must be an int in \[0, 3\) \(x of shape \(2, 3, 8\)\), got 3"):
+    with pytest.raises(
+        ValueError, match=r"ScoreHead: `num_prefix` must be an int in \[0, 3\) \(x of shape \(2, 3, 8\)\), got 3"
+    ):
         ScoreHead(8)(torch.randn(2, 3, 8), None, num_prefix=3)

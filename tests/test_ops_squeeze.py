@@ -374,7 +374,8 @@ def test_non_finite_token_stays_in_its_image(dtype, bad):
         good = [0, 2]
         expected = oracle_squeeze(r[good].double(), p[good].double())
         close(out[good], expected, r[good], p[good]) if dtype in FLOATS else torch.testing.assert_close(
-            out[good].double(), expected, rtol=2**-7, atol=2**-7)
+            out[good].double(), expected, rtol=2**-7, atol=2**-7
+        )
         # The indexed form, as a reduction site calls it.
         x = torch.cat([r, p], dim=1)
         kept, rest = torch.arange(6).expand(3, 6), torch.arange(6, 15).expand(3, 9)
@@ -403,8 +404,10 @@ def test_unit_rows_keeps_the_eps_rule():
     from tokenreduce.ops.squeeze import unit_rows
 
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 6, 5, generator=g, dtype=torch.float64) * torch.tensor([1e-9, 1e-6, 1e-3, 1, 1e3, 0.0],
-                                                                            dtype=torch.float64)[:, None]
+    x = (
+        torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
+        * torch.tensor([1e-9, 1e-6, 1e-3, 1, 1e3, 0.0], dtype=torch.float64)[:, None]
+    )
     torch.testing.assert_close(unit_rows(x), x / (x.norm(dim=-1, keepdim=True) + 1e-6), rtol=1e-14, atol=0)
     assert torch.equal(unit_rows(x)[:, 5], torch.zeros(2, 5, dtype=torch.float64))
 

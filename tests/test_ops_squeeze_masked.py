@@ -60,8 +60,13 @@ def assert_matches_oracle(x, keep, pruned_now, seed=0):
     # gradient that is 0 in exact arithmetic, such as x_i - x_j for equal tokens, may read 1e-17).
     floor = 1e-12 * (1.0 + scale) * float(upstream.abs().max())
     for name, a, b in zip(("x", "keep", "pruned_now"), ours, theirs):
-        torch.testing.assert_close(a, b, rtol=GRAD_RTOL, atol=GRAD_RTOL * float(b.abs().max()) + floor,
-                                   msg=lambda m, name=name: f"d/d{name}: {m}")
+        torch.testing.assert_close(
+            a,
+            b,
+            rtol=GRAD_RTOL,
+            atol=GRAD_RTOL * float(b.abs().max()) + floor,
+            msg=lambda m, name=name: f"d/d{name}: {m}",
+        )
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -100,8 +105,9 @@ def masked_inputs(draw, dtype=torch.float64):
             x[:, t] = 0.0
         elif kind in ("dup", "scaled") and t > 0:
             x[:, t] = x[:, draw(st.integers(0, t - 1))] * (3.0 if kind == "scaled" else 1.0)
-    states = torch.tensor(draw(st.lists(st.lists(st.integers(0, 2), min_size=n, max_size=n),
-                                        min_size=B, max_size=B))).unsqueeze(-1)
+    states = torch.tensor(
+        draw(st.lists(st.lists(st.integers(0, 2), min_size=n, max_size=n), min_size=B, max_size=B))
+    ).unsqueeze(-1)
     return x.to(dtype), (states == 0).to(dtype), (states == 1).to(dtype)
 
 

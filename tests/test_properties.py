@@ -59,8 +59,15 @@ class _Counter(fx.Interpreter):
 
 def make_vit(depth, heads, head_dim, patch, grid, class_token, reg_tokens, fused):
     model = timm.models.vision_transformer.VisionTransformer(
-        img_size=patch * grid, patch_size=patch, embed_dim=heads * head_dim, depth=depth, num_heads=heads,
-        mlp_ratio=2.0, num_classes=3, class_token=class_token, reg_tokens=reg_tokens,
+        img_size=patch * grid,
+        patch_size=patch,
+        embed_dim=heads * head_dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=2.0,
+        num_classes=3,
+        class_token=class_token,
+        reg_tokens=reg_tokens,
         global_pool="token" if class_token else "avg",
     ).eval()
     for block in model.blocks:
@@ -152,8 +159,11 @@ def test_generated_vits(case):
 @settings(max_examples=10, suppress_health_check=[HealthCheck.too_slow])
 @given(
     locs=st.one_of(st.lists(st.integers(-3, 6), max_size=3), st.just([1.5]), st.just(["blocks.9"]), st.none()),
-    ratio=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.lists(st.floats(-1, 2), max_size=3),
-                    st.sampled_from(["0.5", True, None])),
+    ratio=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.lists(st.floats(-1, 2), max_size=3),
+        st.sampled_from(["0.5", True, None]),
+    ),
     method=st.sampled_from(["etps", "dtps", "nope", ""]),
 )
 def test_bad_requests_raise_a_clear_error(locs, ratio, method):

@@ -176,14 +176,15 @@ def test_aux_hosts_are_the_squeeze_assignment(dense):
         _, aux = reduced(x)
         entry = {}
         hook = reduced.get_submodule("reduce_sites.0").register_forward_pre_hook(
-            lambda m, args, kwargs: entry.update(x=args[0]), with_kwargs=True)
+            lambda m, args, kwargs: entry.update(x=args[0]), with_kwargs=True
+        )
         reduced(x)
         hook.remove()
     patches = entry["x"][:, 1:]
     keep = aux.keeps[0].bool()
     for b in range(2):
         kept, pruned = keep[b].nonzero()[:, 0], (~keep[b]).nonzero()[:, 0]
-        host = ops.squeeze_assign(patches[b:b + 1, kept], patches[b:b + 1, pruned]).host[0]
+        host = ops.squeeze_assign(patches[b : b + 1, kept], patches[b : b + 1, pruned]).host[0]
         assert torch.equal(aux.hosts[0][b, pruned], kept[host])
 
 
@@ -225,16 +226,22 @@ def test_released_checkpoints_map_into_the_reduced_model(dense):
     reduced = tokenreduce.apply(copy.deepcopy(dense), method="dtps", locs=[3, 6, 9])
     gen = torch.Generator().manual_seed(5)
     released = {f"module.{k}": torch.randn(v.shape, generator=gen) for k, v in dense.state_dict().items()}
-    heads = {"in_conv.0": (192,), "in_conv.1": (192, 192), "out_conv.0": (96, 192), "out_conv.2": (48, 96),
-             "out_conv.4": (2, 48)}
+    heads = {
+        "in_conv.0": (192,),
+        "in_conv.1": (192, 192),
+        "out_conv.0": (96, 192),
+        "out_conv.2": (48, 96),
+        "out_conv.4": (2, 48),
+    }
     for i in range(3):
         for part, shape in heads.items():
             released[f"module.score_predictor.{i}.{part}.weight"] = torch.randn(shape, generator=gen)
             released[f"module.score_predictor.{i}.{part}.bias"] = torch.randn(shape[:1], generator=gen)
     mapped = convert_released_checkpoint({"model": released}, reduced, source="dynamicvit")
     reduced.load_state_dict(mapped, strict=True)
-    assert torch.equal(reduced.reduce_sites[2].scorer.head.classify[4].weight,
-                       released["module.score_predictor.2.out_conv.4.weight"])
+    assert torch.equal(
+        reduced.reduce_sites[2].scorer.head.classify[4].weight, released["module.score_predictor.2.out_conv.4.weight"]
+    )
     assert torch.equal(reduced.get_submodule("blocks.5.mlp.fc1").weight, released["module.blocks.5.mlp.fc1.weight"])
 
     evit = tokenreduce.apply(_deit(), method="evit", locs=[3, 6, 9])

@@ -375,8 +375,9 @@ BAD_INPUTS = {
     "example-size": _apply(example_input=torch.randn(2, 3, 48, 48)),
     "example-device": _apply(example_input=x32().to("meta")),
     "not-a-transformer": lambda: tokenreduce.apply(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), example_input=x32()),
-    "no-class-token": lambda: tokenreduce.apply(tiny_vit(class_token=False, global_pool="avg"), method="etps",
-                                                example_input=x32()),
+    "no-class-token": lambda: tokenreduce.apply(
+        tiny_vit(class_token=False, global_pool="avg"), method="etps", example_input=x32()
+    ),
     "untraceable": lambda: tokenreduce.apply(GatedModel(), example_input=x32()),
     "second-input": lambda: tokenreduce.apply(NeedsTwo(), example_input=torch.randn(2, 4)),
     "hooked-block": _hooked,
@@ -405,6 +406,9 @@ def test_a_meta_device_model_is_inspected_and_a_cpu_example_named():
         model = tiny_vit()
     found = tokenreduce.inspect(model, example_input=x32().to("meta"))
     assert len(found.blocks) == 4
-    with pytest.raises(tokenreduce.TokenReduceError, match=r"example_input is on cpu but the model's parameters are on "
-                                                           r"meta: pass example_input.to\('meta'\)"):
+    with pytest.raises(
+        tokenreduce.TokenReduceError,
+        match=r"example_input is on cpu but the model's parameters are on "
+        r"meta: pass example_input.to\('meta'\)",
+    ):
         tokenreduce.inspect(model, example_input=x32())

@@ -7,16 +7,14 @@ CUDA. The split is exact: every test compares for equality.
 
 from __future__ import annotations
 
-
 import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
+from triton_interp import HAVE_TRITON, INTERPRETING, driver, interp, needs_triton, run_interp_tests
 
 from tokenreduce.ops import register_device_kernels
 from tokenreduce.ops.select import split_order_reference
-
-from triton_interp import HAVE_TRITON, INTERPRETING, driver, interp, needs_triton, run_interp_tests
 
 HAVE_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
@@ -33,7 +31,8 @@ def scores_and_k(draw, max_n=300):
     g = torch.Generator().manual_seed(seed)
     if draw(st.booleans()):
         scores = torch.randint(-3, 4, (B, n), generator=g).float() * torch.where(
-            torch.rand(B, n, generator=g) < 0.5, -1.0, 1.0)  # signed zeros too
+            torch.rand(B, n, generator=g) < 0.5, -1.0, 1.0
+        )  # signed zeros too
     else:
         scores = torch.randn(B, n, generator=g)
     if draw(st.booleans()):  # non-finite scores in image 0: NaN of either sign bit, +-inf
@@ -122,8 +121,9 @@ def test_kernel_compiles_for_hopper(dtype):
     except TypeError as err:
         pytest.skip(f"this triton's ahead-of-time compile API differs: {err}")
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 4, "enable_fp_fusion": True})
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": True}
+        )
     except FileNotFoundError as err:
         pytest.skip(f"cannot compile for sm_90 here: {err}")
     assert "st.global" in compiled.asm["ptx"]
@@ -134,8 +134,9 @@ def test_kernel_compiles_for_hopper(dtype):
 def test_argument_errors_name_the_problem():
     from tokenreduce.ops.select_triton import MAX_N, split_order_triton
 
-    with pytest.raises(TypeError, match="split_order_triton: `scores` must have dtype float32, bfloat16, float16, "
-                                        "got torch.float64"):
+    with pytest.raises(
+        TypeError, match="split_order_triton: `scores` must have dtype float32, bfloat16, float16, got torch.float64"
+    ):
         split_order_triton(torch.zeros(2, 5, dtype=torch.float64), 2)
     with pytest.raises(ValueError, match=r"split_order_triton: `scores` must have 2 dims \(B, n\), got shape \(5,\)"):
         split_order_triton(torch.zeros(5), 2)
@@ -147,8 +148,11 @@ def test_argument_errors_name_the_problem():
 
 
 def test_register_device_kernels_rejects_unknown_operators():
-    with pytest.raises(ValueError, match=r"unknown operator\(s\) \['split'\]; known: \['squeeze', "
-                                         r"'squeeze_tokens', 'split_order'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown operator\(s\) \['split'\]; known: \['squeeze', "
+        r"'squeeze_tokens', 'split_order'\]",
+    ):
         register_device_kernels("cuda", split=lambda s, k: s)
 
 

@@ -24,7 +24,6 @@ import sys
 
 import pytest
 import torch
-
 from triton_interp import HAVE_TRITON, INTERPRETING, driver, interp, needs_triton, run_interp_tests
 
 HAVE_CUDA = torch.cuda.is_available()
@@ -242,9 +241,15 @@ def check_indexed(x, kept, pruned, P, y, hosts, **tol):
     check(r, p, y[:, P:], hosts, **tol)
 
 
-INDEXED_SIZES = [(2, 1, 20, 13, 24), (3, 0, 9, 4, 100), (2, 2, 90, 70, 70), (1, 1, 5, 5, 8), (2, 1, 66, 1, 16),
-                 (1, 1, 300, 140, 20),  # > 128 pruned (the fuse kernel's blocks of 64) and output rows
-                 (1, 1, 300, 160, 20)]  # 128 < Np < Nr: the update kernel
+INDEXED_SIZES = [
+    (2, 1, 20, 13, 24),
+    (3, 0, 9, 4, 100),
+    (2, 2, 90, 70, 70),
+    (1, 1, 5, 5, 8),
+    (2, 1, 66, 1, 16),
+    (1, 1, 300, 140, 20),  # > 128 pruned (the fuse kernel's blocks of 64) and output rows
+    (1, 1, 300, 160, 20),
+]  # 128 < Np < Nr: the update kernel
 
 
 @interp
@@ -252,8 +257,11 @@ INDEXED_SIZES = [(2, 1, 20, 13, 24), (3, 0, 9, 4, 100), (2, 2, 90, 70, 70), (1, 
 def test_interp_indexed(dtype):
     from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts
 
-    tol = dict(rtol=1e-5, atol=1e-6, host_tol=1e-6) if dtype == torch.float32 else \
-        dict(rtol=2**-7, atol=1e-3, host_tol=1e-6)
+    tol = (
+        dict(rtol=1e-5, atol=1e-6, host_tol=1e-6)
+        if dtype == torch.float32
+        else dict(rtol=2**-7, atol=1e-3, host_tol=1e-6)
+    )
     for i, (B, P, n, k, C) in enumerate(INDEXED_SIZES):
         x = randn(B, P + n, C, seed=900 + i, dtype=dtype)
         kept, pruned = split_indices(B, n, k, seed=950 + i)
@@ -283,15 +291,35 @@ def test_interp_merge_other_tilings(one_block):
     for block_r, block_c, row_tiles in ((16, 32, 4), (8, 16, 2)):
         y2 = torch.empty_like(y)
         grid = (triton.cdiv(C, block_c), triton.cdiv(P + Nr, block_r * row_tiles), B)
-        st._squeeze_fuse_kernel[grid](*args, y2, *sizes, *y2.stride()[:2], E=math.e, DOT_F32=True, HAS_IDX=True,
-                                      ONE_P=one_block, BLOCK_R=block_r, BLOCK_P=st._block_p(Np) if one_block else 16,
-                                      BLOCK_C=block_c, ROW_TILES=row_tiles)
+        st._squeeze_fuse_kernel[grid](
+            *args,
+            y2,
+            *sizes,
+            *y2.stride()[:2],
+            E=math.e,
+            DOT_F32=True,
+            HAS_IDX=True,
+            ONE_P=one_block,
+            BLOCK_R=block_r,
+            BLOCK_P=st._block_p(Np) if one_block else 16,
+            BLOCK_C=block_c,
+            ROW_TILES=row_tiles,
+        )
         torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
     for block_r, block_c, block_p in ((16, 32, 16), (8, 16, 64)) if one_block else ((32, 64, 32),):
         y2 = torch.empty_like(y)
         st._squeeze_update_kernel[(triton.cdiv(C, block_c), B)](
-            *args, y2, *sizes, *y2.stride()[:2], E=math.e, DOT_F32=True, HAS_IDX=True,
-            BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_C=block_c)
+            *args,
+            y2,
+            *sizes,
+            *y2.stride()[:2],
+            E=math.e,
+            DOT_F32=True,
+            HAS_IDX=True,
+            BLOCK_R=block_r,
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+        )
         torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)
 
 
@@ -396,11 +424,15 @@ def test_argument_errors_name_the_argument():
     r = torch.zeros(2, 3, 4)
     with pytest.raises(ValueError, match=r"squeeze_triton: `pruned` must have 3 dims \(B, Np, C\), got shape \(2, 4\)"):
         squeeze_triton(r, torch.zeros(2, 4))
-    with pytest.raises(TypeError, match="squeeze_triton: `reserved` must have dtype float32, bfloat16, float16, got "
-                                        "torch.float64; other dtypes are served by the reference"):
+    with pytest.raises(
+        TypeError,
+        match="squeeze_triton: `reserved` must have dtype float32, bfloat16, float16, got "
+        "torch.float64; other dtypes are served by the reference",
+    ):
         squeeze_triton(r.double(), torch.zeros(2, 1, 4, dtype=torch.float64))
-    with pytest.raises(TypeError, match="`reserved` and `pruned` must have the same dtype, got torch.float32 and "
-                                        "torch.bfloat16"):
+    with pytest.raises(
+        TypeError, match="`reserved` and `pruned` must have the same dtype, got torch.float32 and torch.bfloat16"
+    ):
         squeeze_triton(r, torch.zeros(2, 1, 4, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="`reserved` and `pruned` must have the same channels, got 4 and 5"):
         squeeze_triton(r, torch.zeros(2, 1, 5))
@@ -449,8 +481,14 @@ def restore_kernels():
 @needs_triton
 @pytest.mark.skipif(INTERPRETING, reason="checks the registry of the main process")
 def test_enable_triton_kernels_switches_the_registry(restore_kernels):
-    from tokenreduce.ops import _kernels, enable_triton_kernels, register_device_kernels, triton_kernels_enabled
-    from tokenreduce.ops import select_triton, squeeze_triton
+    from tokenreduce.ops import (
+        _kernels,
+        enable_triton_kernels,
+        register_device_kernels,
+        select_triton,
+        squeeze_triton,
+        triton_kernels_enabled,
+    )
 
     ours = {**squeeze_triton.CUDA_KERNELS, **select_triton.CUDA_KERNELS}
     assert sorted(ours) == sorted(_kernels.OPERATORS)
@@ -501,8 +539,14 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
         pytest.skip(f"this triton has no ahead-of-time compile API: {err}")
     from tokenreduce.ops import squeeze_triton as st
 
-    pointers = {"r_ptr": f"*{dtype}", "p_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
-                "ridx_ptr": "*i64", "pidx_ptr": "*i64", "key_ptr": "*i64"}
+    pointers = {
+        "r_ptr": f"*{dtype}",
+        "p_ptr": f"*{dtype}",
+        "y_ptr": f"*{dtype}",
+        "ridx_ptr": "*i64",
+        "pidx_ptr": "*i64",
+        "key_ptr": "*i64",
+    }
     precision = "tf32x3" if dtype == "fp32" else "tf32"
     common = dict(HAS_IDX=has_idx, BLOCK_P=64, DOT_F32=False)
     kernels = [  # the default (first) config of each autotuned kernel
@@ -515,13 +559,15 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
         names = kernel.arg_names
         signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
         try:
-            src = ASTSource(fn=kernel, signature=signature,
-                            constexprs={(names.index(k),): v for k, v in constexprs.items()})
+            src = ASTSource(
+                fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()}
+            )
         except TypeError as err:  # triton < 3.3 spells the constants differently
             pytest.skip(f"this triton's ahead-of-time compile API differs: {err}")
         try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": 4, "enable_fp_fusion": True})
+            compiled = triton.compile(
+                src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": True}
+            )
         except FileNotFoundError as err:  # no ptxas shipped with this triton
             pytest.skip(f"cannot compile for sm_90 here: {err}")
         assert "mma" in compiled.asm["ptx"], f"{kernel.__name__} ({dtype}) does not use tensor cores"
@@ -531,8 +577,9 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("size", [(8, 137, 59, 384), (3, 17, 70, 100), (4, 98, 98, 768), (2, 5, 1, 3),
-                                  (3, 300, 200, 96), (3, 150, 200, 96)])  # 128 < Np: the update kernel, the fuse's loop
+@pytest.mark.parametrize(
+    "size", [(8, 137, 59, 384), (3, 17, 70, 100), (4, 98, 98, 768), (2, 5, 1, 3), (3, 300, 200, 96), (3, 150, 200, 96)]
+)  # 128 < Np: the update kernel, the fuse's loop
 def test_cuda_matches_oracle(dtype, size):
     from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts, squeeze_triton
 
@@ -626,8 +673,8 @@ def test_cuda_indexed_matches_oracle(dtype, size):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 def test_cuda_squeeze_tokens_op_dispatches_to_triton_and_passes_opcheck():
-    from tokenreduce.ops.squeeze import squeeze_tokens_reference
     from tokenreduce.ops import enable_triton_kernels
+    from tokenreduce.ops.squeeze import squeeze_tokens_reference
     from tokenreduce.ops.squeeze_triton import squeeze_tokens_triton
 
     enable_triton_kernels(True)
@@ -636,9 +683,12 @@ def test_cuda_squeeze_tokens_op_dispatches_to_triton_and_passes_opcheck():
     kept, pruned = (t.cuda() for t in split_indices(4, 58, 37, seed=711))
     assert torch.equal(op(x, kept, pruned, 1), squeeze_tokens_triton(x, kept, pruned, 1))
     settled = settled_rows(*(x[:, 1:].cpu().gather(1, i.cpu()[..., None].expand(-1, -1, 96)) for i in (kept, pruned)))
-    torch.testing.assert_close(op(x, kept, pruned, 1)[:, 1:][settled.cuda()],
-                               squeeze_tokens_reference(x, kept, pruned, 1)[:, 1:][settled.cuda()],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        op(x, kept, pruned, 1)[:, 1:][settled.cuda()],
+        squeeze_tokens_reference(x, kept, pruned, 1)[:, 1:][settled.cuda()],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     torch.library.opcheck(op, (x, kept, pruned, 1))
     torch.library.opcheck(op, (x.clone().requires_grad_(), kept, pruned, 1))
     torch.library.opcheck(op, (x.bfloat16(), kept, pruned, 1))
@@ -656,8 +706,8 @@ def test_compiled_site_launches_the_kernels_from_the_graph(n, k, merge):
     # itself, so the channel chunking of the cosines, and their last bits, may differ).
     from torch._inductor.utils import run_and_get_code
 
-    from tokenreduce.ops.squeeze import squeeze_tokens
     from tokenreduce.ops import enable_triton_kernels
+    from tokenreduce.ops.squeeze import squeeze_tokens
 
     enable_triton_kernels(True)
     x = randn(4, 1 + n, 96, seed=720, device="cuda")
@@ -693,5 +743,6 @@ def test_interp_zz_as_the_op_kernel_passes_opcheck():
     torch.library.opcheck(op, (r.clone().requires_grad_(), p.clone().requires_grad_()))
     torch.library.opcheck(op, (r, p[:, :0]))
     # fp64 is not a kernel dtype: the registered kernel falls back to the reference.
-    torch.testing.assert_close(_cuda_kernel(r.double(), p.double()), squeeze.squeeze_reference(r.double(), p.double()),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        _cuda_kernel(r.double(), p.double()), squeeze.squeeze_reference(r.double(), p.double()), rtol=0, atol=0
+    )

@@ -32,7 +32,9 @@ def test_train_mode_keeps_full_length_and_masks_attention_keys():
     assert len(s) == 12 - 3  # blocks 3..11 read a keep policy: from the first site on
     x = torch.randn(2, 3, 64, 64)
     tokens = []
-    hook = reduced.get_submodule("blocks.11.mlp.fc1").register_forward_hook(lambda m, i, o: tokens.append(i[0].shape[1]))
+    hook = reduced.get_submodule("blocks.11.mlp.fc1").register_forward_hook(
+        lambda m, i, o: tokens.append(i[0].shape[1])
+    )
     reduced(x)
     reduced.eval()
     with torch.no_grad():
@@ -136,8 +138,7 @@ def _register_dtps_with(name, masked):
     """Register dTPS with ``masked`` as its squeeze's training form; returns the cleanup."""
     dtps = tokenreduce.get_method("dtps")
     reducer = tokenreduce.register_reducer(dataclasses.replace(dtps.reducer, name=name, masked=masked))
-    tokenreduce.register_method(name, scorer=dtps.scorer, reducer=reducer, placement=dtps.placement,
-                                counts=dtps.counts)
+    tokenreduce.register_method(name, scorer=dtps.scorer, reducer=reducer, placement=dtps.placement, counts=dtps.counts)
     return lambda: (tokenreduce.unregister_method(name), tokenreduce.unregister_reducer(name))
 
 
@@ -158,17 +159,18 @@ def test_score_head_gradients_equal_the_authors_training_squeeze():
     """Same weights, same Gumbel noise: a train-mode dTPS ViT (float64) gives the same logits and
     the same gradients, score heads included, as with the oracle's squeeze substituted; the
     previous training form gives the same logits but other score-head gradients."""
-    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=4, embed_dim=48, num_heads=3,
-                              num_classes=10).double()
+    model = timm.create_model(
+        "deit_tiny_patch16_224", img_size=64, depth=4, embed_dim=48, num_heads=3, num_classes=10
+    ).double()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    ours = tokenreduce.apply(model, method="dtps", locs=[1, 2], keep_ratio=0.6, aux=True,
-                             example_input=x).train()
+    ours = tokenreduce.apply(model, method="dtps", locs=[1, 2], keep_ratio=0.6, aux=True, example_input=x).train()
     results = {}
     for name, masked in (("dtps_oracle", oracle_squeeze_masked), ("dtps_previous", _previous_squeeze_masked)):
         cleanup = _register_dtps_with(name, masked)
         try:
-            other = tokenreduce.apply(model, method=name, locs=[1, 2], keep_ratio=0.6, aux=True,
-                                      example_input=x).train()
+            other = tokenreduce.apply(
+                model, method=name, locs=[1, 2], keep_ratio=0.6, aux=True, example_input=x
+            ).train()
             other.load_state_dict(ours.state_dict())
             results[name] = _train_grads(other, x, seed=3)
         finally:
@@ -181,8 +183,13 @@ def test_score_head_gradients_equal_the_authors_training_squeeze():
     torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-12)
     assert grads.keys() == ref_grads.keys()
     for n in grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-6, atol=1e-6 * float(ref_grads[n].abs().max()),
-                                   msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(
+            grads[n],
+            ref_grads[n],
+            rtol=1e-6,
+            atol=1e-6 * float(ref_grads[n].abs().max()),
+            msg=lambda m, n=n: f"{n}: {m}",
+        )
 
     old_out, old_grads = results["dtps_previous"]
     torch.testing.assert_close(old_out, ref_out, rtol=1e-9, atol=1e-12)  # same forward

@@ -34,7 +34,7 @@ def test_the_png_shows_every_group_and_every_dropped_token(method):
     side = 256  # 64 px enlarged to at least 224: x4
     assert png.shape[1] == 3 * side + 2 * 4
     for s, hosts in enumerate(aux.hosts):
-        panel = png[:, (s + 1) * (side + 4):(s + 1) * (side + 4) + side]
+        panel = png[:, (s + 1) * (side + 4) : (s + 1) * (side + 4) + side]
         cells = _cells(panel, (4, 4))
         h = hosts[0]
         sizes = torch.bincount(h[h >= 0], minlength=16)

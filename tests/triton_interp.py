@@ -17,8 +17,9 @@ import pytest
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-interp = pytest.mark.skipif(not INTERPRETING,
-                            reason="runs in the child pytest (TRITON_INTERPRET=1) of the file's driver test")
+interp = pytest.mark.skipif(
+    not INTERPRETING, reason="runs in the child pytest (TRITON_INTERPRET=1) of the file's driver test"
+)
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 
 

@@ -42,10 +42,12 @@ def graph_records(graph: fx.Graph) -> list[dict]:
         if "tensor_meta" in meta:
             meta["tensor_meta"] = _plain_meta(meta["tensor_meta"])
         if "nn_module_stack" in meta:  # module classes as names: torch.save cannot pickle them
-            meta["nn_module_stack"] = {k: (v[0], getattr(v[1], "__qualname__", str(v[1])))
-                                       for k, v in meta["nn_module_stack"].items()}
-        records.append({"name": node.name, "op": node.op, "target": node.target, "args": args,
-                        "kwargs": kwargs, "meta": meta})
+            meta["nn_module_stack"] = {
+                k: (v[0], getattr(v[1], "__qualname__", str(v[1]))) for k, v in meta["nn_module_stack"].items()
+            }
+        records.append(
+            {"name": node.name, "op": node.op, "target": node.target, "args": args, "kwargs": kwargs, "meta": meta}
+        )
     return records
 
 
@@ -69,8 +71,9 @@ def graph_from_records(records: list[dict]) -> fx.Graph:
     graph = fx.Graph()
     env: dict[str, fx.Node] = {}
     for r in records:
-        node = graph.create_node(r["op"], r["target"], _resolve(r["args"], env), _resolve(r["kwargs"], env),
-                                 name=r["name"])
+        node = graph.create_node(
+            r["op"], r["target"], _resolve(r["args"], env), _resolve(r["kwargs"], env), name=r["name"]
+        )
         node.meta.update(r["meta"])
         env[r["name"]] = node
     return graph

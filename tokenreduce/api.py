@@ -82,8 +82,12 @@ def _timm_facts(model: nn.Module) -> dict:
         fine, coarse = model.group_matcher(coarse=False), model.group_matcher(coarse=True)
         matchers = (fine if isinstance(fine, dict) else None, coarse if isinstance(coarse, dict) else None)
     nwd = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else ()
-    return {"model_name": cfg.get("architecture") or type(model).__name__, "head": head,
-            "no_weight_decay": tuple(sorted(nwd)), "group_matchers": matchers}
+    return {
+        "model_name": cfg.get("architecture") or type(model).__name__,
+        "head": head,
+        "no_weight_decay": tuple(sorted(nwd)),
+        "group_matchers": matchers,
+    }
 
 
 def apply(
@@ -156,8 +160,13 @@ def apply(
             setattr(gm, key, copy.copy(value))
     gflops_dense, params_dense = dense_cost(work, example)
     gm.meta["tokenreduce"] = Reduction(
-        plan=plan, model_map=model_map, example_shape=tuple(example.shape), aux=aux,
-        gflops_dense=gflops_dense, params_dense=params_dense, **_timm_facts(model),
+        plan=plan,
+        model_map=model_map,
+        example_shape=tuple(example.shape),
+        aux=aux,
+        gflops_dense=gflops_dense,
+        params_dense=params_dense,
+        **_timm_facts(model),
     )
     gm.train(model.training)
     log.info("tokenreduce.apply: %s", plan.table().replace("\n", " | "))

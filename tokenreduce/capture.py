@@ -54,9 +54,7 @@ def register_leaf_module(cls: M) -> M:
 def register_leaf_function(fn: F) -> F:
     """Keep calls of the module-level function ``fn`` opaque when tracing (usable as a decorator)."""
     if not callable(fn) or not hasattr(fn, "__globals__"):
-        raise TypeError(
-            f"register_leaf_function: expected a plain module-level Python function, got {fn!r}"
-        )
+        raise TypeError(f"register_leaf_function: expected a plain module-level Python function, got {fn!r}")
     _LEAF_FUNCTIONS.add(fn)
     return fn
 
@@ -98,9 +96,7 @@ class Tracer(ConfinedTracer):
 
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch, as ``file:line in fn``, to point at the cause."""
-    frames = [
-        f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename.replace("\\", "/")
-    ]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename.replace("\\", "/")]
     if not frames:
         return "unknown location"
     f = frames[-1]
@@ -169,14 +165,20 @@ def _example_hint(model: nn.Module, example: torch.Tensor) -> str:
     """What is most likely wrong with ``example``, judged against the model's parameters."""
     param = next(model.parameters(), None)
     if param is not None and example.device != param.device:
-        return (f"example_input is on {example.device} but the model's parameters are on {param.device}: "
-                f"pass example_input.to('{param.device}')")
+        return (
+            f"example_input is on {example.device} but the model's parameters are on {param.device}: "
+            f"pass example_input.to('{param.device}')"
+        )
     if param is not None and param.is_floating_point() and example.dtype != param.dtype:
-        return (f"example_input is {example.dtype} but the model's parameters are {param.dtype}: pass "
-                f"example_input.to({param.dtype}) (or convert the model)")
+        return (
+            f"example_input is {example.dtype} but the model's parameters are {param.dtype}: pass "
+            f"example_input.to({param.dtype}) (or convert the model)"
+        )
     if example.dim() != 4:
-        return (f"example_input has {example.dim()} dimension(s); vision models take an image batch "
-                f"(B, C, H, W), e.g. torch.randn(2, 3, 224, 224)")
+        return (
+            f"example_input has {example.dim()} dimension(s); vision models take an image batch "
+            f"(B, C, H, W), e.g. torch.randn(2, 3, 224, 224)"
+        )
     return "pass example_input= with a shape, dtype and device the model accepts"
 
 
@@ -208,8 +210,14 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         where = _module_being_traced(tracer, model)
         cls = type(model.get_submodule(where)).__name__ if where in dict(model.named_modules()) else where
         foreign = foreign_patch()
-        note = (f" ({foreign} is patched by a torch.fx trace outside tokenreduce in another thread; hold "
-                f"`from tokenreduce.capture import TRACE_LOCK` around it)") if foreign else ""
+        note = (
+            (
+                f" ({foreign} is patched by a torch.fx trace outside tokenreduce in another thread; hold "
+                f"`from tokenreduce.capture import TRACE_LOCK` around it)"
+            )
+            if foreign
+            else ""
+        )
         raise TokenReduceError(
             f"capture: torch.fx could not trace module '{where}' ({cls}) at {_user_frame(exc)}: "
             f"{type(exc).__name__}: {exc}{note}. If this module has data-dependent control flow and "

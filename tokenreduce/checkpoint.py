@@ -37,7 +37,8 @@ def config_of(reduced: ReducedModel, model_kwargs: Mapping[str, Any] | None = No
         raise TypeError(f"save: expected a module returned by tokenreduce.apply, got {type(reduced).__name__}")
     info = reduced.reduction
     return {
-        "format": FORMAT, "version": __version__,
+        "format": FORMAT,
+        "version": __version__,
         "model": {"name": info.model_name, "kwargs": dict(model_kwargs or {})},
         "method": info.plan.method.name,
         "locs": [s.block for s in info.plan.sites],
@@ -47,16 +48,24 @@ def config_of(reduced: ReducedModel, model_kwargs: Mapping[str, Any] | None = No
     }
 
 
-def save(reduced: ReducedModel, path: PathLike, *, extra: Mapping[str, Any] | None = None,
-         model_kwargs: Mapping[str, Any] | None = None) -> None:
+def save(
+    reduced: ReducedModel,
+    path: PathLike,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> None:
     """Write ``reduced``'s configuration and state dict to ``path``.
 
     ``model_kwargs``: what ``timm.create_model`` needs besides the name to build the dense model
     again (``num_classes``, ``img_size``, ...); ``extra``: anything else to keep (optimizer state,
     epoch), returned by :func:`load_checkpoint`.
     """
-    payload = {"tokenreduce": config_of(reduced, model_kwargs), "state_dict": reduced.state_dict(),
-               "extra": dict(extra or {})}
+    payload = {
+        "tokenreduce": config_of(reduced, model_kwargs),
+        "state_dict": reduced.state_dict(),
+        "extra": dict(extra or {}),
+    }
     torch.save(payload, path)
 
 
@@ -82,13 +91,16 @@ def _dense_model(cfg: Mapping) -> nn.Module:
 
     name = cfg["model"]["name"]
     if not timm.is_model(name):
-        raise TokenReduceError(f"load: the checkpoint's model {name!r} is not a timm model name; build the dense "
-                               f"model yourself and pass it: tokenreduce.load(path, model=...)")
+        raise TokenReduceError(
+            f"load: the checkpoint's model {name!r} is not a timm model name; build the dense "
+            f"model yourself and pass it: tokenreduce.load(path, model=...)"
+        )
     return timm.create_model(name, pretrained=False, **cfg["model"]["kwargs"])
 
 
-def load(path: PathLike | Mapping, model: nn.Module | None = None, map_location: Any = "cpu", *,
-         aux: bool | None = None) -> ReducedModel:
+def load(
+    path: PathLike | Mapping, model: nn.Module | None = None, map_location: Any = "cpu", *, aux: bool | None = None
+) -> ReducedModel:
     """Rebuild the reduced model saved at ``path``, in eval mode.
 
     ``model``: the dense model to reduce (its weights are overwritten by the checkpoint's, which
@@ -102,10 +114,19 @@ def load(path: PathLike | Mapping, model: nn.Module | None = None, map_location:
     cfg = ckpt["tokenreduce"]
     dense = model if model is not None else _dense_model(cfg)
     param = next(dense.parameters(), None)
-    example = torch.zeros(cfg["example_shape"], device=param.device if param is not None else "cpu",
-                          dtype=param.dtype if param is not None else torch.float32).normal_()
-    reduced = apply(dense, cfg["method"], cfg["locs"], cfg["keep_ratio"], example_input=example,
-                    aux=cfg["aux"] if aux is None else aux)
+    example = torch.zeros(
+        cfg["example_shape"],
+        device=param.device if param is not None else "cpu",
+        dtype=param.dtype if param is not None else torch.float32,
+    ).normal_()
+    reduced = apply(
+        dense,
+        cfg["method"],
+        cfg["locs"],
+        cfg["keep_ratio"],
+        example_input=example,
+        aux=cfg["aux"] if aux is None else aux,
+    )
     reduced.load_state_dict(ckpt["state_dict"], strict=True)
     return reduced.eval()
 
@@ -114,7 +135,8 @@ _PREDICTOR = re.compile(r"^score_predictor\.(\d+)\.(in_conv|out_conv)\.(\d+)\.(w
 
 
 def convert_released_checkpoint(
-    state_dict: Mapping[str, Tensor], reduced: ReducedModel,
+    state_dict: Mapping[str, Tensor],
+    reduced: ReducedModel,
     source: Literal["dynamicvit", "tps", "evit"] = "tps",
 ) -> dict[str, Tensor]:
     """Map an authors' release into ``reduced``'s state dict layout (then ``load_state_dict``).
@@ -135,19 +157,23 @@ def convert_released_checkpoint(
     out: dict[str, Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = key[len("module.") :] if key.startswith("module.") else key
         hit = _PREDICTOR.match(key)
         if hit and source != "evit":
             i, part, j, kind = hit.groups()
             if int(i) >= sites:
-                raise TokenReduceError(f"convert_released_checkpoint: {key} is a score head for site {i}, but "
-                                       f"the reduced model has {sites} site(s); apply with the release's locs")
+                raise TokenReduceError(
+                    f"convert_released_checkpoint: {key} is a score head for site {i}, but "
+                    f"the reduced model has {sites} site(s); apply with the release's locs"
+                )
             key = f"reduce_sites.{i}.scorer.head.{'embed' if part == 'in_conv' else 'classify'}.{j}.{kind}"
         if key not in ours:
             unknown.append(key)
             continue
         out[key] = value
     if unknown:
-        raise TokenReduceError(f"convert_released_checkpoint: {len(unknown)} key(s) have no place in the reduced "
-                               f"model, e.g. {unknown[:3]}; is it the same architecture and method?")
+        raise TokenReduceError(
+            f"convert_released_checkpoint: {len(unknown)} key(s) have no place in the reduced "
+            f"model, e.g. {unknown[:3]}; is it the same architecture and method?"
+        )
     return out

@@ -28,8 +28,15 @@ import sys
 import time
 from typing import Sequence
 
-__all__ = ["COMMAND_MODULES", "add_model_arguments", "build_parser", "load_from_args", "main", "parse_keep",
-           "parse_locs"]
+__all__ = [
+    "COMMAND_MODULES",
+    "add_model_arguments",
+    "build_parser",
+    "load_from_args",
+    "main",
+    "parse_keep",
+    "parse_locs",
+]
 
 COMMAND_MODULES = ("tokenreduce.bench.command", "tokenreduce.train.command", "tokenreduce.vis_command")
 DEMO_METHODS = ("etps", "evit", "dtps", "dynamicvit")
@@ -65,17 +72,26 @@ def _methods(text: str) -> list[str]:
 
 def add_model_arguments(p: argparse.ArgumentParser, *, method: bool = True, method_list: bool = False) -> None:
     """MODEL, its weights and input size; with ``method``: --method, --locs and --keep-ratio."""
-    p.add_argument("model", metavar="MODEL",
-                   help="timm name (tagged and hf-hub: names too), or a tokenreduce checkpoint file")
+    p.add_argument(
+        "model", metavar="MODEL", help="timm name (tagged and hf-hub: names too), or a tokenreduce checkpoint file"
+    )
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (downloads them)")
-    p.add_argument("--checkpoint", metavar="PATH", default=None,
-                   help="weights: a dense timm/PyTorch state dict, or a tokenreduce.save checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        default=None,
+        help="weights: a dense timm/PyTorch state dict, or a tokenreduce.save checkpoint",
+    )
     p.add_argument("--img-size", type=int, default=None, help="input size in pixels (default: timm's)")
     if not method:
         return
     if method_list:
-        p.add_argument("--method", type=_methods, default=["etps"],
-                       help="comma-separated methods (default etps): etps, evit, dtps, dynamicvit or registered")
+        p.add_argument(
+            "--method",
+            type=_methods,
+            default=["etps"],
+            help="comma-separated methods (default etps): etps, evit, dtps, dynamicvit or registered",
+        )
         keep_help = "keep ratio; several comma-separated: one reduced model each (default 0.7)"
     else:
         p.add_argument("--method", default="etps", help="etps (default), evit, dtps, dynamicvit or a registered method")
@@ -103,8 +119,13 @@ def _reduced_from_args(args: argparse.Namespace):
     if loaded.reduced is not None:
         return loaded.dense, loaded.reduced.eval()
     torch.manual_seed(0)  # learned scorers: the same random head every run
-    reduced = tokenreduce.apply(loaded.dense, method=args.method, locs=parse_locs(args.locs),
-                                keep_ratio=parse_keep(args.keep_ratio), example_input=example_batch(args.img_size))
+    reduced = tokenreduce.apply(
+        loaded.dense,
+        method=args.method,
+        locs=parse_locs(args.locs),
+        keep_ratio=parse_keep(args.keep_ratio),
+        example_input=example_batch(args.img_size),
+    )
     return loaded.dense, reduced.eval()
 
 
@@ -160,8 +181,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
         torch.manual_seed(0)  # dTPS / DynamicViT score heads: the same random init every run
         reduced[method] = tokenreduce.apply(model, method=method, locs=locs, keep_ratio=keep).eval()
         summaries[method] = tokenreduce.summary(reduced[method])
-    print(f"\n== tokenreduce.summary(tokenreduce.apply(model, method={DEMO_METHODS[0]!r}, locs={locs}, "
-          f"keep_ratio={keep})) ==")
+    print(
+        f"\n== tokenreduce.summary(tokenreduce.apply(model, method={DEMO_METHODS[0]!r}, locs={locs}, "
+        f"keep_ratio={keep})) =="
+    )
     print(summaries[DEMO_METHODS[0]])
     print()
 
@@ -173,8 +196,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     threads = torch.get_num_threads()
     if not cuda:
         say(f"CPU load average {' '.join(f'{v:.2f}' for v in load_average() or ())} with {threads} torch thread(s)")
-    say(f"timing dense and {len(reduced)} reduced models in turns on {device.type} ({amp}, batch {batch}): "
-        f"{args.warmup} warm-up call(s), then {args.iters} round(s)")
+    say(
+        f"timing dense and {len(reduced)} reduced models in turns on {device.type} ({amp}, batch {batch}): "
+        f"{args.warmup} warm-up call(s), then {args.iters} round(s)"
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     with torch.no_grad(), autocast:
         per_call = round_robin(fns, device, iters=1, warmup=args.warmup, repeats=args.iters)
@@ -182,30 +207,67 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     img_s = {k: batch * 1e3 / statistics.median(v) for k, v in per_call.items()}
     rows = [("method", "GFLOPs (dense -> reduced)", "tokens after sites", "img/s", "vs dense")]
-    rows.append(("dense", f"{summaries[DEMO_METHODS[0]].gflops_dense:.2f}", str(model_map.blocks[0].num_tokens),
-                 f"{img_s['dense']:.1f}", "1.00x"))
+    rows.append(
+        (
+            "dense",
+            f"{summaries[DEMO_METHODS[0]].gflops_dense:.2f}",
+            str(model_map.blocks[0].num_tokens),
+            f"{img_s['dense']:.1f}",
+            "1.00x",
+        )
+    )
     for method, s in summaries.items():
-        rows.append((method, f"{s.gflops_dense:.2f} -> {s.gflops_reduced:.2f}",
-                     " / ".join(map(str, tokens_after_sites(reduced[method]))),
-                     f"{img_s[method]:.1f}", f"{img_s[method] / img_s['dense']:.2f}x"))
-    print(f"\n== all methods, locs {locs}, keep {keep}: {device.type}, {amp}, eval, no_grad, batch {batch}"
-          + ("" if cuda else f", {threads} thread(s)") + f", median of {args.iters} round(s) ==")
+        rows.append(
+            (
+                method,
+                f"{s.gflops_dense:.2f} -> {s.gflops_reduced:.2f}",
+                " / ".join(map(str, tokens_after_sites(reduced[method]))),
+                f"{img_s[method]:.1f}",
+                f"{img_s[method] / img_s['dense']:.2f}x",
+            )
+        )
+    print(
+        f"\n== all methods, locs {locs}, keep {keep}: {device.type}, {amp}, eval, no_grad, batch {batch}"
+        + ("" if cuda else f", {threads} thread(s)")
+        + f", median of {args.iters} round(s) =="
+    )
     print(format_table(rows, right=(False, False, False, True, True)))
     note = None if cuda else load_warning(threads)
-    print("\n" + (f"Note: {note}." if note else "Timings are of this machine and its current load.")
-          + " `tokenreduce benchmark MODEL --compile` compares with the limit and compiled models"
-          + f". Demo took {time.perf_counter() - t_start:.0f} s.")
+    print(
+        "\n"
+        + (f"Note: {note}." if note else "Timings are of this machine and its current load.")
+        + " `tokenreduce benchmark MODEL --compile` compares with the limit and compiled models"
+        + f". Demo took {time.perf_counter() - t_start:.0f} s."
+    )
 
 
 def _model_map_dict(mm) -> dict:
     blocks = []
     for b in mm.blocks:
         sites = ["before"] + (["after-attn"] if b.has_class_token and b.attn.full_keys else [])
-        blocks.append({"index": b.index, "path": b.path, "stage": b.stage, "attention": b.attn.kind,
-                       "heads": b.attn.num_heads, "head_dim": b.attn.head_dim, "tokens": b.num_tokens,
-                       "prefix": b.num_prefix, "class_token": b.has_class_token, "dim": b.dim, "sites": sites})
-    return {"model": mm.model_name, "input_shape": list(mm.example_shape), "blocks": blocks,
-            "spatial_sites": len(mm.to_grid), "grid_returns": len(mm.from_grid), "notes": list(mm.notes)}
+        blocks.append(
+            {
+                "index": b.index,
+                "path": b.path,
+                "stage": b.stage,
+                "attention": b.attn.kind,
+                "heads": b.attn.num_heads,
+                "head_dim": b.attn.head_dim,
+                "tokens": b.num_tokens,
+                "prefix": b.num_prefix,
+                "class_token": b.has_class_token,
+                "dim": b.dim,
+                "sites": sites,
+            }
+        )
+    return {
+        "model": mm.model_name,
+        "input_shape": list(mm.example_shape),
+        "blocks": blocks,
+        "spatial_sites": len(mm.to_grid),
+        "grid_returns": len(mm.from_grid),
+        "notes": list(mm.notes),
+    }
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -228,16 +290,22 @@ def cmd_summary(args: argparse.Namespace) -> None:
     if not args.json:
         print(s)
         return
-    _json({"method": s.plan.method.name, "model": s.plan.model_name,
-           "sites": [dataclasses.asdict(site) for site in s.plan.sites],
-           "blocks": [{"index": i, "path": p, "attn_tokens": na, "mlp_tokens": nm} for i, p, na, nm in s.rows],
-           "gflops_dense": s.gflops_dense, "gflops_reduced": s.gflops_reduced,
-           "params_dense": s.params_dense, "params_reduced": s.params_reduced})
+    _json(
+        {
+            "method": s.plan.method.name,
+            "model": s.plan.model_name,
+            "sites": [dataclasses.asdict(site) for site in s.plan.sites],
+            "blocks": [{"index": i, "path": p, "attn_tokens": na, "mlp_tokens": nm} for i, p, na, nm in s.rows],
+            "gflops_dense": s.gflops_dense,
+            "gflops_reduced": s.gflops_reduced,
+            "params_dense": s.params_dense,
+            "params_reduced": s.params_reduced,
+        }
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .bench.models import example_batch
-
     from .errors import TokenReduceError
 
     try:
@@ -245,21 +313,31 @@ def cmd_export(args: argparse.Namespace) -> None:
     except ModuleNotFoundError as err:
         if err.name != "tokenreduce.export":
             raise
-        raise TokenReduceError("export: this installation has no tokenreduce.export module; "
-                               "update tokenreduce to export models") from None
+        raise TokenReduceError(
+            "export: this installation has no tokenreduce.export module; update tokenreduce to export models"
+        ) from None
     _progress(f"[export] {args.model}: building the reduced model")
     _, reduced = _reduced_from_args(args)
-    _progress(f"[export] writing {args.format} to {args.out} (exporter {args.exporter}, "
-              f"{'dynamic' if args.dynamic_batch else 'fixed'} batch)")
-    path = export.export(reduced, args.out, format=args.format, example_input=example_batch(args.img_size),
-                         dynamic_batch=args.dynamic_batch, exporter=args.exporter)
+    _progress(
+        f"[export] writing {args.format} to {args.out} (exporter {args.exporter}, "
+        f"{'dynamic' if args.dynamic_batch else 'fixed'} batch)"
+    )
+    path = export.export(
+        reduced,
+        args.out,
+        format=args.format,
+        example_input=example_batch(args.img_size),
+        dynamic_batch=args.dynamic_batch,
+        exporter=args.exporter,
+    )
     print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenreduce",
-        description="Token reduction (TPS, EViT, DynamicViT) for vision transformers as a torch.fx pass.")
+        description="Token reduction (TPS, EViT, DynamicViT) for vision transformers as a torch.fx pass.",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -286,10 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(exp)
     exp.add_argument("--format", choices=("onnx", "pt2"), required=True, help="onnx or pt2 (torch.export)")
     exp.add_argument("--out", required=True, metavar="FILE", help="the file to write")
-    exp.add_argument("--no-dynamic-batch", dest="dynamic_batch", action="store_false",
-                     help="fix the batch size to the example's (default: dynamic batch)")
-    exp.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                     help="ONNX exporter (default dynamo)")
+    exp.add_argument(
+        "--no-dynamic-batch",
+        dest="dynamic_batch",
+        action="store_false",
+        help="fix the batch size to the example's (default: dynamic batch)",
+    )
+    exp.add_argument(
+        "--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="ONNX exporter (default dynamo)"
+    )
     exp.set_defaults(func=cmd_export)
 
     for name in COMMAND_MODULES:

@@ -70,8 +70,10 @@ def export(
     if exporter not in EXPORTERS:
         raise ValueError(f"export: exporter must be one of {EXPORTERS}, got {exporter!r}")
     if format == "pt2" and exporter != "dynamo":
-        raise ValueError(f"export: exporter={exporter!r} applies to format='onnx' only; pt2 is written by "
-                         f"torch.export (leave exporter at its default 'dynamo')")
+        raise ValueError(
+            f"export: exporter={exporter!r} applies to format='onnx' only; pt2 is written by "
+            f"torch.export (leave exporter at its default 'dynamo')"
+        )
     if not isinstance(dynamic_batch, bool):
         raise TypeError(f"export: dynamic_batch must be a bool, got {type(dynamic_batch).__name__}")
     if reduced.training:
@@ -89,23 +91,41 @@ def export(
         torch.export.save(_exported_program(reduced, example, dynamic_batch), out)
     elif exporter == "dynamo":
         program = _exported_program(reduced, example, dynamic_batch)
-        torch.onnx.export(program, (example,), str(out), dynamo=True, input_names=["input"],
-                          output_names=output_names(reduced, example), opset_version=ONNX_OPSET,
-                          external_data=_needs_external_data(reduced), verbose=False)
+        torch.onnx.export(
+            program,
+            (example,),
+            str(out),
+            dynamo=True,
+            input_names=["input"],
+            output_names=output_names(reduced, example),
+            opset_version=ONNX_OPSET,
+            external_data=_needs_external_data(reduced),
+            verbose=False,
+        )
         if dynamic_batch:
             _name_batch_axis(out)
     else:
         _torchscript_onnx(reduced, example, dynamic_batch, out)
-    log.info("tokenreduce.export: wrote %s (%s%s, example %s, dynamic batch %s)", out, format,
-             f"/{exporter}" if format == "onnx" else "", tuple(example.shape), dynamic_batch)
+    log.info(
+        "tokenreduce.export: wrote %s (%s%s, example %s, dynamic batch %s)",
+        out,
+        format,
+        f"/{exporter}" if format == "onnx" else "",
+        tuple(example.shape),
+        dynamic_batch,
+    )
     return out
 
 
 def _example(reduced: fx.GraphModule, info, example_input: torch.Tensor | None, dynamic: bool) -> torch.Tensor:
     if example_input is None:
         param = next(reduced.parameters(), None)
-        return torch.randn(2, *info.example_shape[1:], device=param.device if param is not None else "cpu",
-                           dtype=param.dtype if param is not None else torch.float32)
+        return torch.randn(
+            2,
+            *info.example_shape[1:],
+            device=param.device if param is not None else "cpu",
+            dtype=param.dtype if param is not None else torch.float32,
+        )
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"export: example_input must be a tensor batch, got {type(example_input).__name__}")
     if dynamic and example_input.shape[0] < 2:
@@ -120,8 +140,9 @@ def _example(reduced: fx.GraphModule, info, example_input: torch.Tensor | None, 
 def _require_onnx(exporter: str) -> None:
     missing = [m for m in _ONNX_PACKAGES[exporter] if importlib.util.find_spec(m) is None]
     if missing:
-        raise ModuleNotFoundError(f"export: ONNX export needs {', '.join(missing)}; install them with "
-                                  f"pip install 'tokenreduce[export]'")
+        raise ModuleNotFoundError(
+            f"export: ONNX export needs {', '.join(missing)}; install them with pip install 'tokenreduce[export]'"
+        )
 
 
 class _FlatOutputs(nn.Module):
@@ -216,5 +237,13 @@ def _torchscript_onnx(reduced: fx.GraphModule, example: torch.Tensor, dynamic: b
         # The user chose the legacy exporter by name; its deprecation notice is not news.
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         with export_forms(), torch.no_grad():
-            torch.onnx.export(_FlatOutputs(reduced), (example,), str(out), dynamo=False, input_names=["input"],
-                              output_names=names, dynamic_axes=axes, opset_version=ONNX_OPSET)
+            torch.onnx.export(
+                _FlatOutputs(reduced),
+                (example,),
+                str(out),
+                dynamo=False,
+                input_names=["input"],
+                output_names=names,
+                dynamic_axes=axes,
+                opset_version=ONNX_OPSET,
+            )

@@ -57,10 +57,17 @@ def gflops(model: nn.Module, example: torch.Tensor) -> float:
     """Multiply-adds (in G) of one forward of ``model`` in eval mode on ``example[:1]``."""
     _register_missing()
     was_training = model.training
+    # torch's counter asserts on views of parameters that require grad taken under no_grad
+    # (CaiT's, PiT's and SigLIP's heads slice them); the count needs no gradients at all.
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     try:
+        for p, _ in grads:
+            p.requires_grad_(False)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(example[:1])
     finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
         model.train(was_training)
     return counter.get_total_flops() / 2e9

@@ -25,11 +25,23 @@ from . import ops
 from .runtime.state import AttnInputs
 
 __all__ = [
-    "Method", "Reducer", "Scorer", "Placement", "Counts",
-    "register_method", "register_scorer", "register_reducer",
-    "get_method", "get_reducer", "get_scorer",
-    "list_methods", "list_reducers", "list_scorers",
-    "unregister_method", "unregister_reducer", "unregister_scorer",
+    "Method",
+    "Reducer",
+    "Scorer",
+    "Placement",
+    "Counts",
+    "register_method",
+    "register_scorer",
+    "register_reducer",
+    "get_method",
+    "get_reducer",
+    "get_scorer",
+    "list_methods",
+    "list_reducers",
+    "list_scorers",
+    "unregister_method",
+    "unregister_reducer",
+    "unregister_scorer",
 ]
 
 Placement = Literal["before", "after_attn"]

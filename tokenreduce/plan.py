@@ -171,9 +171,21 @@ def make_plan(
                 f"{method.name}: the attention of block '{block.path}' uses {block.attn.num_keys} "
                 f"keys for {block.attn.num_queries} queries (spatially reduced keys), so it has no "
                 f"class-token attention row over the patches; "
-                + ("place the site at a block with full-sequence attention or use method='dtps'."
-                   if any_full else f"no block of {model_map.model_name} has one: use method='dtps'.")
+                + (
+                    "place the site at a block with full-sequence attention or use method='dtps'."
+                    if any_full
+                    else f"no block of {model_map.model_name} has one: use method='dtps'."
+                )
             )
+        for g in model_map.to_grid:
+            if g.stage == block.stage and g.grid[0] * g.grid[1] != block.num_patches:
+                raise TokenReduceError(
+                    f"{method.name}: stage {block.stage} of {model_map.model_name} lays {g.grid[0] * g.grid[1]} "
+                    f"of its {block.num_tokens} tokens on a {g.grid[0]} x {g.grid[1]} grid, but analysis counts "
+                    f"{block.num_patches} patch tokens at '{block.path}' (a leading token built from the image, "
+                    f"such as PiT's class token carried between stages, is not a prefix it can see); reduce a "
+                    f"stage whose grid holds all its patch tokens, or no stage of this model"
+                )
         extra = method.reducer.extra_tokens
         if extra and any(g.stage == block.stage for g in model_map.to_grid):
             raise TokenReduceError(
@@ -194,8 +206,15 @@ def make_plan(
         keep = keep_count(method.counts, r, n_in, n_ref)
         sites.append(
             Site(
-                index=s, block=bi, path=block.path, stage=block.stage, placement=method.placement,
-                ratio=r, num_prefix=block.num_prefix, n_in=n_in, keep=keep,
+                index=s,
+                block=bi,
+                path=block.path,
+                stage=block.stage,
+                placement=method.placement,
+                ratio=r,
+                num_prefix=block.num_prefix,
+                n_in=n_in,
+                keep=keep,
                 extra=extra if keep < n_in else 0,  # a site that keeps everything is the identity
             )
         )

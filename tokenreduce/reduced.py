@@ -67,8 +67,11 @@ class ReducedModel(fx.GraphModule):
         return self.meta["tokenreduce"]
 
     def __reduce__(self):
-        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_code", "_split_cache")
-                and not k.startswith("_lineno")}
+        body = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("_graph", "_code", "_split_cache") and not k.startswith("_lineno")
+        }
         return _rebuild, (body, graph_records(self.graph), self._get_name())
 
     # -- timm's model interface ---------------------------------------------------------------
@@ -101,12 +104,15 @@ class ReducedModel(fx.GraphModule):
         path = self._head_path("reset_classifier")
         old = self.get_submodule(path)
         if not isinstance(old, (nn.Linear, nn.Identity)):
-            raise TokenReduceError(f"reset_classifier: the classifier '{path}' is a {type(old).__name__}, "
-                                   f"not a Linear; reset it on the dense model and apply again")
+            raise TokenReduceError(
+                f"reset_classifier: the classifier '{path}' is a {type(old).__name__}, "
+                f"not a Linear; reset it on the dense model and apply again"
+            )
         in_features = old.in_features if isinstance(old, nn.Linear) else getattr(self, "num_features", None)
         if num_classes > 0 and in_features is None:
-            raise TokenReduceError("reset_classifier: the classifier is an Identity and the model has no "
-                                   "num_features to size a new one")
+            raise TokenReduceError(
+                "reset_classifier: the classifier is an Identity and the model has no num_features to size a new one"
+            )
         ref = next(self.parameters())
         new = nn.Linear(in_features, num_classes).to(ref.device, ref.dtype) if num_classes > 0 else nn.Identity()
         parent, _, name = path.rpartition(".")
@@ -125,8 +131,10 @@ class ReducedModel(fx.GraphModule):
 
     def _head_path(self, user: str) -> str:
         if self.reduction.head is None:
-            raise TokenReduceError(f"{user}: {self.reduction.model_name} has no classifier that "
-                                   f"tokenreduce could find (no get_classifier())")
+            raise TokenReduceError(
+                f"{user}: {self.reduction.model_name} has no classifier that "
+                f"tokenreduce could find (no get_classifier())"
+            )
         return self.reduction.head
 
     def _split(self, kind: str) -> fx.GraphModule:
@@ -135,8 +143,10 @@ class ReducedModel(fx.GraphModule):
         key = (kind, self.code)
         if key not in cache:
             if self.reduction.model_map.final_tokens is None:
-                raise TokenReduceError(f"forward_{'features' if kind == 'features' else 'head'}: analysis "
-                                       f"found no final tokens in {self.reduction.model_name}")
+                raise TokenReduceError(
+                    f"forward_{'features' if kind == 'features' else 'head'}: analysis "
+                    f"found no final tokens in {self.reduction.model_name}"
+                )
             tokens = find(self.graph, "tokens", 0, user=f"forward_{kind}")
             graph = _features_graph(self.graph, tokens) if kind == "features" else _head_graph(self, tokens, kind)
             part = fx.GraphModule(self, graph, f"{self._get_name()}_{kind}")
@@ -174,8 +184,9 @@ def _head_graph(gm: ReducedModel, tokens: fx.Node, kind: str) -> fx.Graph:
         if node in needed or node is tokens:
             continue
         if node.op == "placeholder":
-            raise TokenReduceError("forward_head: the head reads the model input besides the final tokens; "
-                                   "use the whole model instead")
+            raise TokenReduceError(
+                "forward_head: the head reads the model input besides the final tokens; use the whole model instead"
+            )
         needed.add(node)
         stack.extend(node.all_input_nodes)
     new = fx.Graph()

@@ -82,11 +82,17 @@ def summary(reduced: ReducedModel, example_input: torch.Tensor | None = None) ->
     info = reduced.reduction
     param = next(reduced.parameters(), None)
     if example_input is None:
-        example = torch.randn(1, *info.example_shape[1:], device=param.device if param is not None else "cpu",
-                              dtype=param.dtype if param is not None else torch.float32)
+        example = torch.randn(
+            1,
+            *info.example_shape[1:],
+            device=param.device if param is not None else "cpu",
+            dtype=param.dtype if param is not None else torch.float32,
+        )
     elif not isinstance(example_input, torch.Tensor) or example_input.dim() != len(info.example_shape):
-        raise TypeError(f"summary: example_input must be a tensor batch of rank {len(info.example_shape)} "
-                        f"like {info.example_shape}, got {getattr(example_input, 'shape', type(example_input))}")
+        raise TypeError(
+            f"summary: example_input must be a tensor batch of rank {len(info.example_shape)} "
+            f"like {info.example_shape}, got {getattr(example_input, 'shape', type(example_input))}"
+        )
     else:
         example = example_input
     was_training = reduced.training

@@ -14,9 +14,12 @@ __all__ = ["add_parsers", "cmd_vis"]
 def add_parsers(sub) -> None:
     from .cli import add_model_arguments
 
-    p = sub.add_parser("vis", help="draw the dropped tokens and the squeeze groups of every site on an image",
-                       description="The image, then one panel per site: dropped tokens blanked, each squeeze group "
-                                   "(a host and the tokens it absorbed) in its own colour.")
+    p = sub.add_parser(
+        "vis",
+        help="draw the dropped tokens and the squeeze groups of every site on an image",
+        description="The image, then one panel per site: dropped tokens blanked, each squeeze group "
+        "(a host and the tokens it absorbed) in its own colour.",
+    )
     add_model_arguments(p)
     p.add_argument("image", metavar="IMAGE", help="an image file (preprocessed with the model's timm data config)")
     p.add_argument("--out", default="tokenreduce-vis.png", help="PNG to write (default tokenreduce-vis.png)")
@@ -40,8 +43,13 @@ def cmd_vis(args: argparse.Namespace) -> None:
         reduced = tokenreduce.load(path, model=loaded.dense, aux=True)
     else:
         torch.manual_seed(0)
-        reduced = tokenreduce.apply(loaded.dense, method=args.method, locs=parse_locs(args.locs),
-                                    keep_ratio=parse_keep(args.keep_ratio), example_input=example_batch(args.img_size),
-                                    aux=True)
+        reduced = tokenreduce.apply(
+            loaded.dense,
+            method=args.method,
+            locs=parse_locs(args.locs),
+            keep_ratio=parse_keep(args.keep_ratio),
+            example_input=example_batch(args.img_size),
+            aux=True,
+        )
     tokenreduce.visualize(reduced, args.image, alpha=args.alpha).save(args.out)
     print(f"wrote {args.out}")

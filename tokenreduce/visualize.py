@@ -88,7 +88,7 @@ def _panel(base: Tensor, hosts: Tensor, grid: tuple[int, int], alpha: float) -> 
     colour = dict(zip(groups, group_colours(len(groups))))
     for p, h in enumerate(hosts.tolist()):
         r, c = divmod(p, gw)
-        cell = out[r * ph:(r + 1) * ph, c * pw:(c + 1) * pw]
+        cell = out[r * ph : (r + 1) * ph, c * pw : (c + 1) * pw]
         if h < 0:
             cell[:] = torch.tensor(BLANK, dtype=torch.float32)
         elif h in colour:
@@ -107,8 +107,10 @@ def visualize(reduced: ReducedModel, image, *, alpha: float = 0.6) -> Image.Imag
     if not isinstance(reduced, ReducedModel):
         raise TypeError(f"visualize: expected a module returned by tokenreduce.apply, got {type(reduced).__name__}")
     if not reduced.reduction.aux:
-        raise TokenReduceError("visualize: the model was applied without aux=True, so it does not report which "
-                               "host absorbed which token; apply again with aux=True")
+        raise TokenReduceError(
+            "visualize: the model was applied without aux=True, so it does not report which "
+            "host absorbed which token; apply again with aux=True"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"visualize: alpha must be in [0, 1], got {alpha}")
     Image = _pil()

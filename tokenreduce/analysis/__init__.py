@@ -6,6 +6,7 @@ The description is plain data; the nodes a rewrite needs are marked in the graph
 
 from __future__ import annotations
 
+import networkx as nx
 import torch.fx as fx
 
 from ..anchors import mark
@@ -13,11 +14,13 @@ from ..errors import TokenReduceError
 from ._found import FoundAttention, FoundBlock
 from .attention import find_attention
 from .blocks import find_blocks
-from .graph import shape_of
-from .model_map import Attention, Block, FromGrid, ModelMap, ToGrid
+from .constructs import opaque_attention
+from .graph import data_graph, shape_of
+from .model_map import Attention, Block, FromGrid, ModelMap, Position, ToGrid
+from .positions import find_positions
 from .spatial import find_spatial
 
-__all__ = ["analyze", "Attention", "Block", "ModelMap", "ToGrid", "FromGrid"]
+__all__ = ["analyze", "Attention", "Block", "ModelMap", "Position", "ToGrid", "FromGrid"]
 
 
 def _final_tokens(last_exit: fx.Node) -> fx.Node:
@@ -32,39 +35,91 @@ def _final_tokens(last_exit: fx.Node) -> fx.Node:
     return node
 
 
+def _positions(gm: fx.GraphModule, found: list[FoundBlock]) -> list:
+    g = data_graph(gm.graph)
+    image_input = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    image = nx.descendants(g, image_input) | {image_input}
+    return find_positions(gm.graph, g, image, found)
+
+
 def _attention(att: FoundAttention) -> Attention:
-    return Attention(kind=att.kind, node=att.node.name, scale=att.scale, num_heads=att.num_heads,
-                     head_dim=att.head_dim, num_queries=att.num_queries, num_keys=att.num_keys)
+    return Attention(
+        kind=att.kind,
+        node=att.node.name,
+        scale=att.scale,
+        num_heads=att.num_heads,
+        head_dim=att.head_dim,
+        num_queries=att.num_queries,
+        num_keys=att.num_keys,
+    )
 
 
 def _mark_block(b: FoundBlock) -> Block:
-    for role, node in (("entry", b.entry), ("attn", b.attn.node), ("q", b.attn.q), ("k", b.attn.k),
-                       ("attn_residual", b.attn_residual), ("exit", b.exit)):
+    for role, node in (
+        ("entry", b.entry),
+        ("attn", b.attn.node),
+        ("q", b.attn.q),
+        ("k", b.attn.k),
+        ("attn_residual", b.attn_residual),
+        ("exit", b.exit),
+    ):
         mark(node, role, b.index)
     if b.attn.v is not None:
         mark(b.attn.v, "v", b.index)
-    return Block(index=b.index, path=b.path, stage=b.stage, attn=_attention(b.attn), num_prefix=b.num_prefix,
-                 has_class_token=b.has_class_token, num_tokens=b.num_tokens, dim=b.dim)
+    return Block(
+        index=b.index,
+        path=b.path,
+        stage=b.stage,
+        attn=_attention(b.attn),
+        num_prefix=b.num_prefix,
+        has_class_token=b.has_class_token,
+        num_tokens=b.num_tokens,
+        dim=b.dim,
+    )
 
 
 def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str) -> ModelMap:
     """Find blocks, attention and prefix tokens in ``gm`` (which capture() annotated) and mark
     their nodes. Returns the plain description."""
     attentions = find_attention(gm.graph)
+    opaque = opaque_attention(gm)
     if not attentions:
+        hint = (
+            f"Its attention modules {', '.join(opaque[:3])}{' ...' if len(opaque) > 3 else ''} are opaque "
+            f"to tracing (registered as leaf modules, e.g. by timm because they branch on the input size): "
+            f"tokenreduce cannot see inside them."
+            if opaque
+            else "Check that the attention module is not registered as a leaf; attention in another layout "
+            "(a talking-heads conv between the logits and the softmax, factorized or linear attention, "
+            "keys laid out other than (B, H, N, d)) is not recognised."
+        )
         raise TokenReduceError(
             f"analyze: no attention found in {model_name}: tokenreduce looks for "
-            f"F.scaled_dot_product_attention calls and softmax(q @ k.transpose(-2, -1)) patterns. "
-            f"Check that the attention module is not registered as a leaf, or that the model is "
-            f"a vision transformer."
+            f"F.scaled_dot_product_attention calls and softmax(q @ k.transpose(-2, -1)) patterns. " + hint
         )
     found, notes = find_blocks(gm, attentions)
+    notes = [*notes, *(f"attention module {m} is opaque to tracing (a leaf): its block is not reduced" for m in opaque)]
     to_grid, from_grid = find_spatial(gm, tuple(found))
     blocks = tuple(_mark_block(b) for b in found)
     for i, t in enumerate(to_grid):
         mark(t.head, "to_grid", i)
     for i, f in enumerate(from_grid):
         mark(f.node, "from_grid", i)
+    positions = []
+    for i, p in enumerate(_positions(gm, found)):
+        mark(p.node, "position", i)
+        positions.append(
+            Position(
+                block=p.block,
+                node=p.node.name,
+                where=p.where,
+                axes=p.axes,
+                rank=p.rank,
+                with_prefix=p.with_prefix,
+                additive=p.additive,
+                fill=p.fill,
+            )
+        )
     tokens = _final_tokens(found[-1].exit)
     final = shape_of(tokens)
     final_tokens = None
@@ -72,8 +127,12 @@ def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str)
         mark(tokens, "tokens", 0)
         final_tokens = tuple(final[1:])
     return ModelMap(
-        model_name=model_name, blocks=blocks, example_shape=tuple(example_shape), notes=tuple(notes),
+        model_name=model_name,
+        blocks=blocks,
+        example_shape=tuple(example_shape),
+        notes=tuple(notes),
         to_grid=tuple(ToGrid(stage=t.stage, grid=t.grid) for t in to_grid),
         from_grid=tuple(FromGrid(source=f.source, stage=f.stage) for f in from_grid),
         final_tokens=final_tokens,
+        positions=tuple(positions),
     )

@@ -7,7 +7,8 @@ Two spellings are recognised, with no per-model adapter:
   softmax node is recorded, since its output is the probability matrix. The scale may come
   before the product (``(q * scale) @ k^T``, timm's ``fused_attn=False``) or after it, and any
   shape-preserving ops may sit between the product and the softmax (casts, a broadcast bias, a
-  mask, or a traced-opaque helper such as timm's ``maybe_add_mask``).
+  mask, or a traced-opaque helper such as timm's ``maybe_add_mask``). The softmax may be a
+  function, a method or an ``nn.Softmax`` module (Swin, Twins).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import operator
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
-from .graph import data_args, shape_of
 from ._found import FoundAttention as Attention
+from .graph import data_args, shape_of
 
 __all__ = ["find_attention"]
 
@@ -36,11 +38,24 @@ def _arg(node: fx.Node, i: int, name: str):
     return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
 
+def _softmax_module(node: fx.Node) -> nn.Softmax | None:
+    """The ``nn.Softmax`` a ``call_module`` node runs (Swin, Twins write the softmax as a module)."""
+    if node.op != "call_module" or node.graph.owning_module is None:
+        return None
+    try:
+        module = node.graph.owning_module.get_submodule(str(node.target))
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Softmax) else None
+
+
 def _is_softmax(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in _SOFTMAX_FNS:
         dim = _arg(node, 1, "dim")
     elif node.op == "call_method" and node.target == "softmax":
         dim = _arg(node, 1, "dim")
+    elif _softmax_module(node) is not None:
+        dim = _softmax_module(node).dim
     else:
         return False
     shape = shape_of(node)
@@ -56,8 +71,10 @@ def _is_matmul(node: fx.Node) -> bool:
 def _untranspose(node: fx.Node) -> fx.Node | None:
     """``k`` for a node computing ``k.transpose(-2, -1)`` (or ``.mT``), else None."""
     rank = len(shape_of(node) or ())
-    if node.op == "call_method" and node.target == "transpose" or (
-        node.op == "call_function" and node.target is torch.transpose
+    if (
+        node.op == "call_method"
+        and node.target == "transpose"
+        or (node.op == "call_function" and node.target is torch.transpose)
     ):
         dims = {d % rank for d in node.args[1:3] if isinstance(d, int)}
         if dims == {rank - 2, rank - 1}:
@@ -81,8 +98,16 @@ def _sdpa(node: fx.Node) -> Attention | None:
         return None
     heads, nq, d = _heads(q)
     return Attention(
-        kind="sdpa", node=node, q=q, k=k, v=v, scale=node.kwargs.get("scale"),
-        num_heads=heads, head_dim=d, num_queries=nq, num_keys=shape_of(k)[-2],
+        kind="sdpa",
+        node=node,
+        q=q,
+        k=k,
+        v=v,
+        scale=node.kwargs.get("scale"),
+        num_heads=heads,
+        head_dim=d,
+        num_queries=nq,
+        num_keys=shape_of(k)[-2],
     )
 
 
@@ -119,16 +144,20 @@ def _times(scale: float | None, factor: float | None | bool) -> float | None:
 def _score_product(node: object, shape: tuple[int, ...], depth: int) -> tuple[fx.Node, float | None] | None:
     """Walk back from a softmax's input to the ``q @ k^T`` product that the scores come from.
 
-    Every op on the way must keep the scores' ``shape`` (B, H, N, N); at each op the walk follows
+    Every op on the way must keep the scores' ``shape`` (B, H, N, N) or permute it (a talking-heads
+    Linear or conv over the heads, as in CaiT or EfficientFormer-v2, is walked through); at each op the walk follows
     the operands of that shape (a bias or mask may broadcast; one of full shape that leads to no
     product, such as a learned bias, is a dead end). Returns the product and the numeric factor
     applied on the way (1.0 for none, None when a tensor factor makes it unknown).
     """
-    if depth < 0 or not isinstance(node, fx.Node) or shape_of(node) != shape:
+    if depth < 0 or not isinstance(node, fx.Node) or shape_of(node) is None:
         return None
-    if _is_matmul(node):
+    if shape_of(node) != shape:  # talking heads (CaiT): permute -> Linear over heads -> permute back
+        if sorted(shape_of(node)) != sorted(shape) or _is_matmul(node):
+            return None
+    elif _is_matmul(node):
         return node, 1.0
-    if node.op not in ("call_function", "call_method") or _is_softmax(node):
+    if node.op not in ("call_function", "call_method", "call_module") or _is_softmax(node):
         return None
     for arg in data_args(node):
         found = _score_product(arg, shape, depth - 1)
@@ -168,8 +197,16 @@ def _explicit(softmax: fx.Node) -> Attention | None:
             v = cur.args[1]
     heads, nq, d = _heads(q)
     return Attention(
-        kind="softmax", node=softmax, q=q, k=k, v=v, scale=scale,
-        num_heads=heads, head_dim=d, num_queries=nq, num_keys=shape_of(k)[-2],
+        kind="softmax",
+        node=softmax,
+        q=q,
+        k=k,
+        v=v,
+        scale=scale,
+        num_heads=heads,
+        head_dim=d,
+        num_queries=nq,
+        num_keys=shape_of(k)[-2],
     )
 
 

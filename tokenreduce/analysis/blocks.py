@@ -6,8 +6,9 @@ import networkx as nx
 import torch.fx as fx
 
 from ..errors import TokenReduceError
-from .graph import data_args, data_graph, is_add, is_cat, node_path, shape_of
 from ._found import FoundAttention, FoundBlock
+from .constructs import CHANNEL, GRID, check_handovers, check_nested, construct, refusal
+from .graph import data_args, data_graph, is_add, is_cat, node_path, shape_of
 
 __all__ = ["find_blocks"]
 
@@ -45,7 +46,21 @@ def _source_name(node: fx.Node) -> str:
     return str(node.target)
 
 
-def _prefix_count(entry: fx.Node, image: set[fx.Node]) -> tuple[int, bool]:
+def _leaf_prefix(gm: fx.GraphModule, node: fx.Node) -> tuple[int, bool] | None:
+    """The prefix count an opaque embedding module declares (timm's ``num_prefix_tokens``, as on
+    NaFlexViT's leaf ``embeds``), for ``node`` = that module's call or an item of its output."""
+    if node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0] if node.args[0].op == "call_module" else node
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(str(node.target))
+    count = getattr(module, "num_prefix_tokens", None)
+    if not isinstance(count, int) or isinstance(count, bool):
+        return None
+    return count, count > 0 and getattr(module, "cls_token", None) is not None
+
+
+def _prefix_count(entry: fx.Node, image: set[fx.Node], gm: fx.GraphModule | None = None) -> tuple[int, bool]:
     """Prefix tokens leading the stream at ``entry``, and whether the first is a class token.
 
     Walk back over token-preserving ops to the ``cat`` that built the sequence and count its
@@ -66,8 +81,14 @@ def _prefix_count(entry: fx.Node, image: set[fx.Node]) -> tuple[int, bool]:
                     count += shape_of(part)[1]
                 first = _source_name(node.args[0][0]).rsplit(".", 1)[-1].lower() if count else ""
                 return count, ("cls" in first or "class" in first)
-        same = [a for a in data_args(node) if a in image and (shape_of(a) or (0, 0))[1:2] == (n_tokens,)
-                and len(shape_of(a)) == 3]
+        leaf = _leaf_prefix(gm, node) if gm is not None else None
+        if leaf is not None:
+            return leaf
+        same = [
+            a
+            for a in data_args(node)
+            if a in image and (shape_of(a) or (0, 0))[1:2] == (n_tokens,) and len(shape_of(a)) == 3
+        ]
         if len(same) != 1:
             return 0, False
         node = same[0]
@@ -85,10 +106,21 @@ def find_blocks(gm: fx.GraphModule, attentions: list[FoundAttention]) -> tuple[l
     image = nx.descendants(g, placeholders[0]) | {placeholders[0]}
 
     notes: list[str] = []
+    kinds: dict[str, str] = {}  # construct -> first place it was seen
+    batch = (shape_of(placeholders[0]) or (None,))[0]
+    inner: dict[int, str] = {}  # windows per image of skipped windowed attention -> where
     raw = []
     for att in attentions:
-        found = _residual_add(g, order, att.node)
         where = node_path(att.node) or att.node.name
+        kind = construct(att, batch)
+        if kind is not None:
+            kinds.setdefault(kind, where)
+            q = shape_of(att.q) or ()
+            if batch and len(q) == 4 and q[0] % batch == 0:
+                inner.setdefault(q[0] // batch, where)
+            notes.append(f"attention at '{where}' is {kind}: skipped")
+            continue
+        found = _residual_add(g, order, att.node)
         if found is None:
             notes.append(f"attention at '{where}' ({att.node.format_node()}) has no residual add: skipped")
             continue
@@ -100,6 +132,12 @@ def find_blocks(gm: fx.GraphModule, attentions: list[FoundAttention]) -> tuple[l
         shape = shape_of(entry)
         if shape is None or len(shape) != 3:
             notes.append(f"block at '{where}' carries a {shape}-shaped stream, not (B, N, C): skipped")
+            if shape is not None and len(shape) == 4:
+                kinds.setdefault(GRID, where)
+            continue
+        if att.head_dim == shape[1] and att.num_queries != shape[1]:  # XCiT's XCA: (B, H, d, d) logits
+            kinds.setdefault(CHANNEL, where)
+            notes.append(f"attention at '{where}' is {CHANNEL}: skipped")
             continue
         path = node_path(x1) or where.rsplit(".", 1)[0]
         raw.append((att, x1, entry, exit_, path))
@@ -109,21 +147,37 @@ def find_blocks(gm: fx.GraphModule, attentions: list[FoundAttention]) -> tuple[l
     for i, (att, x1, entry, exit_, path) in enumerate(raw):
         if i == 0 or raw[i - 1][3] is not entry:
             stage += 1
-            prefix, has_cls = _prefix_count(entry, image)
+            prefix, has_cls = _prefix_count(entry, image, gm)
         shape = shape_of(entry)
         blocks.append(
             FoundBlock(
-                index=i, path=path, stage=stage, entry=entry, attn=att, attn_residual=x1,
-                exit=exit_, num_prefix=prefix, has_class_token=has_cls, num_tokens=shape[1], dim=shape[2],
+                index=i,
+                path=path,
+                stage=stage,
+                entry=entry,
+                attn=att,
+                attn_residual=x1,
+                exit=exit_,
+                num_prefix=prefix,
+                has_class_token=has_cls,
+                num_tokens=shape[1],
+                dim=shape[2],
             )
         )
+    check_handovers(g, blocks, type(gm).__name__)
+    check_nested(blocks, inner, type(gm).__name__)
+    if not blocks and kinds:
+        raise TokenReduceError(refusal(type(gm).__name__, len(attentions), kinds))
     if not blocks:
         raise TokenReduceError(
             f"analyze: no transformer block found in {type(gm).__name__}: found "
             f"{len(attentions)} attention op(s) but none inside a pre-norm residual block "
             f"`x = x + attn(norm(x)); x = x + mlp(norm(x))`. "
-            + ("Notes: " + "; ".join(notes) if notes else
-               "No scaled_dot_product_attention call or softmax(q @ k^T) pattern was traced; if "
-               "attention is inside a registered leaf module, unregister it.")
+            + (
+                "Notes: " + "; ".join(notes)
+                if notes
+                else "No scaled_dot_product_attention call or softmax(q @ k^T) pattern was traced; if "
+                "attention is inside a registered leaf module, unregister it."
+            )
         )
     return blocks, notes

@@ -72,7 +72,7 @@ def is_add(node: fx.Node) -> bool:
 
 
 def is_cat(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.concatenate))
+    return node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.concatenate)
 
 
 def node_path(node: fx.Node) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Attention", "Block", "ModelMap", "ToGrid", "FromGrid"]
+__all__ = ["Attention", "Block", "ModelMap", "Position", "ToGrid", "FromGrid"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,27 @@ class FromGrid:
 
 
 @dataclass(frozen=True)
+class Position:
+    """A position-indexed tensor (rotary table, relative position bias, positional attention)
+    meeting block ``block``'s queries, keys or logits (graph mark ``("position", i)`` on the node
+    ``node`` that reads it, for the i-th of the model map's ``positions``). ``where`` is the
+    node's argument holding the table (an index, or a keyword such as ``attn_mask``); ``axes`` its
+    token axes in the image operand's ``rank``; ``with_prefix`` when those axes cover the prefix
+    tokens too; ``additive`` for a bias, False for a factor (rotary); ``fill`` the row a token
+    without position (EViT's fused token) takes: None for the mean row/column, else this value
+    (1 for ``cos``, 0 for the ``sin`` of a rotated copy: no rotation)."""
+
+    block: int
+    node: str
+    where: int | str
+    axes: tuple[int, ...]
+    rank: int
+    with_prefix: bool
+    additive: bool
+    fill: float | None = None
+
+
+@dataclass(frozen=True)
 class ModelMap:
     """Everything the planner and the passes need to know about a traced model."""
 
@@ -90,6 +111,7 @@ class ModelMap:
     to_grid: tuple[ToGrid, ...] = field(default=())
     from_grid: tuple[FromGrid, ...] = field(default=())
     final_tokens: tuple[int, ...] | None = None  # (N, C) of the final tokens before pooling, if found
+    positions: tuple[Position, ...] = field(default=())
 
     def block(self, index: int) -> Block:
         return self.blocks[index]
@@ -108,9 +130,16 @@ class ModelMap:
                 sites.append("after-attn")
             rows.append(
                 (
-                    str(b.index), b.path, str(b.stage), b.attn.kind, str(b.attn.num_heads),
-                    str(b.num_tokens), str(b.num_prefix), "yes" if b.has_class_token else "no",
-                    str(b.dim), "/".join(sites),
+                    str(b.index),
+                    b.path,
+                    str(b.stage),
+                    b.attn.kind,
+                    str(b.attn.num_heads),
+                    str(b.num_tokens),
+                    str(b.num_prefix),
+                    "yes" if b.has_class_token else "no",
+                    str(b.dim),
+                    "/".join(sites),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -119,6 +148,8 @@ class ModelMap:
         title = f"{self.model_name}: {len(self.blocks)} blocks, input {self.example_shape}"
         if self.to_grid:
             title += f", {len(self.to_grid)} spatial site(s), {len(self.from_grid)} grid return(s)"
+        if self.positions:
+            title += f", {len(self.positions)} position-indexed table use(s) (rotary / relative bias)"
         return "\n".join([title, *lines, *self.notes])
 
     __str__ = table

@@ -20,8 +20,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import data_args, data_graph, shape_of
 from ._found import FoundBlock, FoundFromGrid, FoundToGrid
+from .graph import data_args, data_graph, shape_of
 
 __all__ = ["find_spatial"]
 
@@ -52,7 +52,9 @@ def _stage_of(node: fx.Node, blocks: tuple[FoundBlock, ...], order: dict) -> int
     return stage
 
 
-def find_spatial(gm: fx.GraphModule, blocks: tuple[FoundBlock, ...]) -> tuple[tuple[FoundToGrid, ...], tuple[FoundFromGrid, ...]]:
+def find_spatial(
+    gm: fx.GraphModule, blocks: tuple[FoundBlock, ...]
+) -> tuple[tuple[FoundToGrid, ...], tuple[FoundFromGrid, ...]]:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     dg = data_graph(graph)
@@ -94,8 +96,13 @@ def find_spatial(gm: fx.GraphModule, blocks: tuple[FoundBlock, ...]) -> tuple[tu
         for i in reversed(range(len(to_grid))):  # the nearest grid upstream
             t = to_grid[i]
             exit_ = stage_exit[t.stage]
-            if (node in below[i] and shape[1] == t.grid[0] * t.grid[1] and order[node] < order[exit_]
-                    and exit_ in nx.descendants(dg, node) and _is_layout_from_grid(gm, node)):
+            if (
+                node in below[i]
+                and shape[1] == t.grid[0] * t.grid[1]
+                and order[node] < order[exit_]
+                and exit_ in nx.descendants(dg, node)
+                and _is_layout_from_grid(gm, node)
+            ):
                 from_grid.append(FoundFromGrid(node=node, source=i, stage=t.stage))
                 break
     return tuple(to_grid), tuple(from_grid)

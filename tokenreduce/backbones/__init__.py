@@ -7,6 +7,7 @@ Importing this package registers the models with timm, so ``timm.create_model`` 
 LV-ViT and PS-ViT ones through their modules' own (``lvvit.checkpoint_filter_fn``,
 ``psvit.checkpoint_filter_fn``), which their timm entries use.
 """
+
 from .checkpoint import checkpoint_filter_fn
 from .cvt import ConvolutionalVisionTransformer, cvt_13, cvt_21
 from .lvvit import LVViT, lvvit_m, lvvit_s, lvvit_t

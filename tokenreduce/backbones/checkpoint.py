@@ -17,6 +17,7 @@ The two official layouts differ from ours only in names (tensor shapes are ident
 
 ``checkpoint_filter_fn`` is the ``pretrained_filter_fn`` of every model in this package.
 """
+
 import logging
 import re
 from typing import Dict, Mapping
@@ -39,7 +40,7 @@ def _unwrap(state_dict: Mapping[str, object]) -> Dict[str, torch.Tensor]:
         inner = state_dict.get(wrapper)
         if isinstance(inner, Mapping):
             state_dict = inner
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state_dict.items()}
 
 
 def remap_pvt_official(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -55,7 +56,7 @@ def remap_pvt_official(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torc
         elif m := _PVT_STAGE_KEY.match(k):
             name, stage = m.group(1), int(m.group(2)) - 1
             name = "blocks" if name == "block" else name
-            k = f"stages.{stage}.{name}{k[m.end():]}"
+            k = f"stages.{stage}.{name}{k[m.end() :]}"
         out[k] = v
     return out
 

@@ -26,6 +26,7 @@ Graph conventions the token-reduction passes rely on:
   stage's embedding conv output, never from ``N``;
 * blocks are pre-norm residuals: ``x = x + drop_path(attn(norm1(x), H, W))`` then the MLP.
 """
+
 from functools import partial
 from typing import Callable, Optional, Sequence
 
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import ClassTokenHead, Mlp, QuickGELU, default_cfg as _cfg, init_linear, stage_drop_path_rates
+from ._common import ClassTokenHead, Mlp, QuickGELU, init_linear, stage_drop_path_rates
+from ._common import default_cfg as _cfg
 from .checkpoint import checkpoint_filter_fn
 
 __all__ = ["ConvolutionalVisionTransformer"]
@@ -300,8 +302,7 @@ class ConvolutionalVisionTransformer(ClassTokenHead, nn.Module):
         per_stage = (embed_dims, num_heads, patch_sizes, patch_strides, patch_paddings)
         if any(len(s) != num_stages for s in per_stage):
             raise ValueError(
-                "embed_dims, depths, num_heads, patch_sizes, patch_strides and patch_paddings "
-                "must have equal length"
+                "embed_dims, depths, num_heads, patch_sizes, patch_strides and patch_paddings must have equal length"
             )
         act_layer = act_layer or QuickGELU
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-5)
@@ -356,7 +357,7 @@ class ConvolutionalVisionTransformer(ClassTokenHead, nn.Module):
         x, H, W = self.stages[0](x)
         for prev, stage in zip(self.stages[:-1], self.stages[1:]):
             if prev.num_prefix_tokens:
-                x = x[:, prev.num_prefix_tokens:]  # the grid only feeds the next embedding
+                x = x[:, prev.num_prefix_tokens :]  # the grid only feeds the next embedding
             B, _, C = x.shape
             x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, H*W, C) -> (B, C, H, W)
             x, H, W = stage(x)

@@ -25,6 +25,7 @@ token reduction the max runs over the tokens that are left: the kept (squeezed) 
 appended token; in dTPS's fixed-length training form it still runs over all of them.
 The authors' MixToken augmentation is a data-pipeline step (it edits the batch) and is left out.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -57,8 +58,9 @@ class ConvStem(nn.Module):
     non-overlapping ``patch_size/2`` conv; module names follow the official checkpoint.
     """
 
-    def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 16, stem_dim: int = 64,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_chans: int, embed_dim: int, patch_size: int = 16, stem_dim: int = 64, device=None, dtype=None
+    ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if patch_size % 2:
@@ -84,8 +86,17 @@ class Attention(nn.Module):
 
     fused_attn: torch.jit.Final[bool]
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, qkv_bias: bool = False,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if head_dim is None and dim % num_heads:
@@ -119,10 +130,21 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block whose residual branches are divided by ``skip_lam``; (B, N, C) -> (B, N, C)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, skip_lam: float = 1.0,
-                 head_dim: int | None = None, qkv_bias: bool = False, proj_drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0,
-                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        skip_lam: float = 1.0,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.skip_lam = skip_lam
@@ -190,8 +212,19 @@ class LVViT(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, skip_lam, head_dim, qkv_bias, proj_drop_rate,
-                  attn_drop_rate, dpr[i], norm_layer, **dd)
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                skip_lam,
+                head_dim,
+                qkv_bias,
+                proj_drop_rate,
+                attn_drop_rate,
+                dpr[i],
+                norm_layer,
+                **dd,
+            )
             for i in range(depth)
         )
         self.norm = norm_layer(embed_dim, **dd)

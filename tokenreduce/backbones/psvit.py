@@ -34,6 +34,7 @@ numbered in raster order (row by row); the official code numbers them column by 
 changes nothing (every later op is per token or permutation-equivariant and the head reads the
 class token).
 """
+
 from __future__ import annotations
 
 import torch
@@ -123,8 +124,17 @@ class Attention(nn.Module):
 
     fused_attn: torch.jit.Final[bool]
 
-    def __init__(self, dim: int, num_heads: int, scale: float, qkv_bias: bool = False,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        scale: float,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if dim % num_heads:
@@ -155,8 +165,19 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block, (B, N, C) -> (B, N, C) (the official ``TransformerEncoderLayer``)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, scale: float, qkv_bias: bool = False,
-                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        scale: float,
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.norm1 = nn.LayerNorm(dim, **dd)
@@ -184,8 +205,17 @@ class SamplingLayer(nn.Module):
     -> (tokens (B, n, C), next offset (B, n, 2) | None, sampled point (B, n, 2))``.
     """
 
-    def __init__(self, block: Block, position_layer: nn.Linear, dim: int, pred_offset: bool,
-                 gamma: float = 1.0, offset_bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        block: Block,
+        position_layer: nn.Linear,
+        dim: int,
+        pred_offset: bool,
+        gamma: float = 1.0,
+        offset_bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.gamma = gamma
         self.transformer_layer = block
@@ -313,7 +343,7 @@ def checkpoint_filter_fn(state_dict, model: nn.Module) -> dict:
         if k == "point_coord":
             continue
         if k.startswith("trans_layers."):
-            k = "blocks." + k[len("trans_layers."):]
+            k = "blocks." + k[len("trans_layers.") :]
         out[k] = v
     return out
 

@@ -19,6 +19,7 @@ Graph conventions the token-reduction passes rely on:
   stage's patch-embed conv output, never from ``N``;
 * blocks are pre-norm residuals: ``x = x + drop_path(attn(norm1(x), H, W))`` then the MLP.
 """
+
 from functools import partial
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import ClassTokenHead, Mlp, default_cfg as _cfg, init_linear, stage_drop_path_rates
+from ._common import ClassTokenHead, Mlp, init_linear, stage_drop_path_rates
+from ._common import default_cfg as _cfg
 from .checkpoint import checkpoint_filter_fn
 
 __all__ = ["PyramidVisionTransformer"]
@@ -187,9 +189,7 @@ class PvtStage(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if class_token and sr_ratio > 1:
-            raise ValueError(
-                f"class_token=True needs sr_ratio == 1 (got {sr_ratio}): the SR conv only sees the grid"
-            )
+            raise ValueError(f"class_token=True needs sr_ratio == 1 (got {sr_ratio}): the SR conv only sees the grid")
         self.grid_size = tuple(grid_size)
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = 1 if class_token else 0

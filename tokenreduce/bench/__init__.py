@@ -36,11 +36,21 @@ __all__ = [
 ]
 
 _HOME = {
-    "Protocol": "protocol", "Timing": "protocol", "Variant": "protocol", "Row": "protocol", "Result": "protocol",
-    "build_variants": "variants", "measure": "side_by_side",
-    "environment": "env", "load_average": "env",
-    "format_table": "table", "markdown": "report", "screen": "report",
-    "kernel_times": "timing", "round_robin": "timing", "time_calls": "timing",
+    "Protocol": "protocol",
+    "Timing": "protocol",
+    "Variant": "protocol",
+    "Row": "protocol",
+    "Result": "protocol",
+    "build_variants": "variants",
+    "measure": "side_by_side",
+    "environment": "env",
+    "load_average": "env",
+    "format_table": "table",
+    "markdown": "report",
+    "screen": "report",
+    "kernel_times": "timing",
+    "round_robin": "timing",
+    "time_calls": "timing",
     "limit_of": "limit",
 }
 

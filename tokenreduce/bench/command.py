@@ -27,19 +27,33 @@ def _ints(text: str) -> list[int]:
 def add_parsers(sub) -> None:
     from ..cli import add_model_arguments
 
-    p = sub.add_parser("benchmark", help="time dense, the limit and the reduced model side by side",
-                       description="Dense model, the limit (the reduced model's plan with free sites) and the "
-                                   "reduced model, built and timed in one process, in turns; see docs/benchmarks.md.")
+    p = sub.add_parser(
+        "benchmark",
+        help="time dense, the limit and the reduced model side by side",
+        description="Dense model, the limit (the reduced model's plan with free sites) and the "
+        "reduced model, built and timed in one process, in turns; see docs/benchmarks.md.",
+    )
     add_model_arguments(p, method_list=True)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--batch", type=_ints, default=None,
-                   help="comma-separated batch sizes, e.g. 256,1 (default: 256 on cuda, 8 on cpu)")
-    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
-                   help="autocast dtype (default: bf16 on cuda, none on cpu)")
+    p.add_argument(
+        "--batch",
+        type=_ints,
+        default=None,
+        help="comma-separated batch sizes, e.g. 256,1 (default: 256 on cuda, 8 on cpu)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=("bf16", "fp16", "none"),
+        default=None,
+        help="autocast dtype (default: bf16 on cuda, none on cpu)",
+    )
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
-    p.add_argument("--mode", default="default",
-                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode with --compile (default: torch's default)")
+    p.add_argument(
+        "--mode",
+        default="default",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode with --compile (default: torch's default)",
+    )
     p.add_argument("--iters", type=int, default=None, help="calls per timed repeat (default: 30 cuda, 2 cpu)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 10 cuda, 1 cpu)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5)")
@@ -58,8 +72,8 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
     import torch
 
-    from . import measure, screen
     from ..cli import load_from_args, parse_keep, parse_locs
+    from . import measure, screen
     from .env import load_warning
     from .protocol import Protocol
 
@@ -74,18 +88,31 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     cfg = getattr(loaded.dense, "pretrained_cfg", None) or {}
     img_size = args.img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
     protocol = Protocol(
-        device=device, amp=args.amp or ("none" if cpu else "bf16"), img_size=img_size,
+        device=device,
+        amp=args.amp or ("none" if cpu else "bf16"),
+        img_size=img_size,
         timings=tuple((b, m) for b in batches for m in modes),
-        iters=args.iters or (2 if cpu else 30), repeats=args.repeats or 5, kernels=args.kernels,
-        warmup=args.warmup if args.warmup is not None else (1 if cpu else 10))
+        iters=args.iters or (2 if cpu else 30),
+        repeats=args.repeats or 5,
+        kernels=args.kernels,
+        warmup=args.warmup if args.warmup is not None else (1 if cpu else 10),
+    )
     if cpu:
         note = load_warning(torch.get_num_threads())
         _say(f"CPU, {torch.get_num_threads()} thread(s); " + (note or "the CPU is not loaded by other processes"))
     keep = parse_keep(args.keep_ratio)  # several ratios here: one reduced model for each
     ratios = keep if isinstance(keep, list) else [keep]
-    result = measure(args.model, protocol, dense=loaded.dense, reduced=loaded.reduced,
-                     methods=args.method, ratios=ratios, locs=parse_locs(args.locs), limits=not args.no_limit,
-                     progress=_say)
+    result = measure(
+        args.model,
+        protocol,
+        dense=loaded.dense,
+        reduced=loaded.reduced,
+        methods=args.method,
+        ratios=ratios,
+        locs=parse_locs(args.locs),
+        limits=not args.no_limit,
+        progress=_say,
+    )
     if cpu:
         note = load_warning(torch.get_num_threads())
         if note:

@@ -35,9 +35,11 @@ def load_warning(threads: int) -> str | None:
     load = load_average()
     if load is None or load[0] <= threads:
         return None
-    return (f"the CPU is loaded (1-minute load average {load[0]:.2f} for {os.cpu_count()} core(s), "
-            f"{threads} thread(s) here): other processes share it, so these timings are slower and noisier "
-            f"than on an idle machine; the ratios suffer less, since every variant is timed in turns")
+    return (
+        f"the CPU is loaded (1-minute load average {load[0]:.2f} for {os.cpu_count()} core(s), "
+        f"{threads} thread(s) here): other processes share it, so these timings are slower and noisier "
+        f"than on an idle machine; the ratios suffer less, since every variant is timed in turns"
+    )
 
 
 def triton_kernels_on() -> bool:

@@ -53,7 +53,8 @@ def limit_of(reduced: nn.Module) -> nn.Module:
     if info.model_map.to_grid:
         raise TokenReduceError(
             f"limit_of: the limit is not defined for {info.model_map.model_name}: its blocks return tokens to "
-            f"a spatial grid, which a cut x[:, :P + k] does not have; compare it with the dense model only")
+            f"a spatial grid, which a cut x[:, :P + k] does not have; compare it with the dense model only"
+        )
     sites = reduced.get_submodule("reduce_sites")
     for i in range(len(sites)):
         sites[i] = TruncateSite(sites[i])

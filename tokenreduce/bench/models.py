@@ -35,8 +35,10 @@ def is_tokenreduce_checkpoint(path: str) -> bool:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise ValueError(f"checkpoint: cannot read {path!r} with torch.load ({type(err).__name__}: {err}); "
-                         f"give a tokenreduce.save file or a timm/PyTorch state dict") from None
+        raise ValueError(
+            f"checkpoint: cannot read {path!r} with torch.load ({type(err).__name__}: {err}); "
+            f"give a tokenreduce.save file or a timm/PyTorch state dict"
+        ) from None
     return isinstance(obj, dict) and "tokenreduce" in obj
 
 
@@ -71,9 +73,11 @@ def _create(name: str, pretrained: bool, img_size: int | None, **kwargs) -> nn.M
         if not pretrained and not name.startswith("hf-hub:"):
             raise
         why = " ".join(str(err).split())[:300]
-        raise ValueError(f"model: timm could not fetch {name!r} ({type(err).__name__}: {why}); "
-                         f"check the name and the network, or give the architecture's timm name with the weights file "
-                         f"as --checkpoint PATH") from None
+        raise ValueError(
+            f"model: timm could not fetch {name!r} ({type(err).__name__}: {why}); "
+            f"check the name and the network, or give the architecture's timm name with the weights file "
+            f"as --checkpoint PATH"
+        ) from None
 
 
 def _tokenreduce_load(path: str, dense: nn.Module | None) -> nn.Module:
@@ -93,8 +97,10 @@ def load_model(
         raise ValueError("--pretrained and --checkpoint both give weights: pass one of them")
     if os.path.isfile(name):  # MODEL given as a tokenreduce checkpoint: it rebuilds its own model
         if checkpoint or pretrained or not is_tokenreduce_checkpoint(name):
-            raise ValueError(f"model: {name!r} is a file; a file in place of MODEL must be a tokenreduce.save "
-                             f"checkpoint, with no --checkpoint / --pretrained (give a timm name for other weights)")
+            raise ValueError(
+                f"model: {name!r} is a file; a file in place of MODEL must be a tokenreduce.save "
+                f"checkpoint, with no --checkpoint / --pretrained (give a timm name for other weights)"
+            )
         import tokenreduce
 
         cfg = tokenreduce.load_checkpoint(name)["tokenreduce"]["model"]
@@ -112,8 +118,10 @@ def load_model(
     try:
         load_checkpoint(dense, checkpoint, strict=True)
     except RuntimeError as err:  # missing / unexpected keys, shape mismatches
-        raise ValueError(f"checkpoint: {checkpoint!r} does not fit {name}: {' '.join(str(err).split())[:400]}; "
-                         f"give the weights of this architecture (or a tokenreduce.save file)") from None
+        raise ValueError(
+            f"checkpoint: {checkpoint!r} does not fit {name}: {' '.join(str(err).split())[:400]}; "
+            f"give the weights of this architecture (or a tokenreduce.save file)"
+        ) from None
     return Loaded(dense.eval(), None)
 
 

@@ -85,7 +85,7 @@ class Variant:
         if not at or rho is None or not head:
             raise ValueError(f"variant: expected 'dense', 'METHOD@RATIO' or 'limit[METHOD]@RATIO', got {name!r}")
         if head.startswith("limit[") and head.endswith("]"):
-            return cls("limit", head[len("limit["):-1], rho)
+            return cls("limit", head[len("limit[") : -1], rho)
         return cls("reduced", head, rho)
 
 

@@ -57,8 +57,11 @@ def _cells(result: Result, row: Row, keys: list[tuple[int, str]], gpu: set) -> l
             speed += "*"
         cells += [speed, num(d["vs_dense"], ".2f", ""), num(d["vs_limit"], ".3f", "")]
         if (batch, mode) in gpu:
-            cells += [num(t.kernel_us / 1e3 if t and t.kernel_us else None, ".2f"),
-                      num(t.host_ms if t else None, ".2f"), num(d["vs_limit_gpu"], ".3f", "")]
+            cells += [
+                num(t.kernel_us / 1e3 if t and t.kernel_us else None, ".2f"),
+                num(t.host_ms if t else None, ".2f"),
+                num(d["vs_limit_gpu"], ".3f", ""),
+            ]
     peak = next((t.peak_mib for t in row.timings if t.peak_mib is not None), None)
     return cells + ([num(peak, ",.0f")] if result.meta.get("device_type") == "cuda" else [])
 
@@ -86,27 +89,37 @@ def _notes(result: Result) -> list[str]:
             if t.note:
                 notes.append(f"{r.model} {r.variant} {_label(t.batch, t.mode)}: {t.note}")
             elif t.graph_breaks:
-                notes.append(f"{r.model} {r.variant} {_label(t.batch, t.mode)}: {t.graphs} graphs, "
-                             f"{t.graph_breaks} graph break(s)")
+                notes.append(
+                    f"{r.model} {r.variant} {_label(t.batch, t.mode)}: {t.graphs} graphs, "
+                    f"{t.graph_breaks} graph break(s)"
+                )
     if any(t.launch_bound for r in result.rows for t in r.timings):
-        notes.append("* launch-bound: the host took about as long to launch a call as the call took, so that "
-                     "wall-clock figure measures Python and launches, not kernels")
+        notes.append(
+            "* launch-bound: the host took about as long to launch a call as the call took, so that "
+            "wall-clock figure measures Python and launches, not kernels"
+        )
     return notes
 
 
 def _header(result: Result) -> list[str]:
     m, p = result.meta, result.meta.get("protocol", {})
-    lines = [f"{m.get('device')} | torch {m.get('torch')} | timm {m.get('timm')} | triton {m.get('triton')} | "
-             f"{m.get('date')}"]
+    lines = [
+        f"{m.get('device')} | torch {m.get('torch')} | timm {m.get('timm')} | triton {m.get('triton')} | "
+        f"{m.get('date')}"
+    ]
     amp = p.get("amp", "none")
-    lines.append(f"{'fp32' if amp == 'none' else amp + ' autocast'}, {p.get('img_size')} px, eval, no_grad, random "
-                 f"inputs; median of {p.get('repeats')} repeats x {p.get('iters')} call(s) after {p.get('warmup')} "
-                 f"warm-up call(s)")
+    lines.append(
+        f"{'fp32' if amp == 'none' else amp + ' autocast'}, {p.get('img_size')} px, eval, no_grad, random "
+        f"inputs; median of {p.get('repeats')} repeats x {p.get('iters')} call(s) after {p.get('warmup')} "
+        f"warm-up call(s)"
+    )
     if m.get("device_type") == "cpu":
         before, after = m.get("load_before"), m.get("load_after")
         fmt = lambda v: " ".join(f"{x:.2f}" for x in v) if v else "n/a"  # noqa: E731
-        lines.append(f"CPU: {m.get('cpu_count')} logical core(s), {m.get('cpu_threads')} torch thread(s); "
-                     f"load average before {fmt(before)}, after {fmt(after)}")
+        lines.append(
+            f"CPU: {m.get('cpu_count')} logical core(s), {m.get('cpu_threads')} torch thread(s); "
+            f"load average before {fmt(before)}, after {fmt(after)}"
+        )
     if m.get("load_note"):
         lines.append(f"Note: {m['load_note']}.")
     if "triton_kernels" in m:
@@ -114,8 +127,10 @@ def _header(result: Result) -> list[str]:
     return lines
 
 
-_FOOT = ("vs dense: img/s over the dense model's in this run. vs limit: a reduced model's img/s over its limit's "
-         "(the same plan with every site a free cut x[:, :P + k]; the efficiency, at most about 1).")
+_FOOT = (
+    "vs dense: img/s over the dense model's in this run. vs limit: a reduced model's img/s over its limit's "
+    "(the same plan with every site a free cut x[:, :P + k]; the efficiency, at most about 1)."
+)
 
 
 def screen(result: Result) -> str:
@@ -138,4 +153,3 @@ def markdown(result: Result) -> str:
     out += ["", _FOOT]
     notes = _notes(result)
     return "\n".join(out + (["", "Notes:", *(f"- {n}" for n in notes)] if notes else []))
-

@@ -56,8 +56,9 @@ def _peak_mib(m: nn.Module, fn: Callable[[], object], x: torch.Tensor, device: t
     return (extra + own + x.numel() * x.element_size()) / 2**20
 
 
-def _extras(timing: Timing, m: nn.Module, fn: Callable[[], object], x: torch.Tensor, protocol: Protocol,
-            device: torch.device) -> None:
+def _extras(
+    timing: Timing, m: nn.Module, fn: Callable[[], object], x: torch.Tensor, protocol: Protocol, device: torch.device
+) -> None:
     """CUDA only: peak memory, host launch time and (``kernels``) kernel times of one timing."""
     if device.type != "cuda":
         return
@@ -81,9 +82,13 @@ def _compile(m: nn.Module, mode: str, x: torch.Tensor, ctx) -> tuple[Callable[[]
         cm(x)
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
-    timing = Timing(batch=x.shape[0], mode=mode, compile_s=time.perf_counter() - t0,
-                    graphs=int(counters["stats"]["unique_graphs"]),
-                    graph_breaks=int(sum(counters["graph_break"].values())))
+    timing = Timing(
+        batch=x.shape[0],
+        mode=mode,
+        compile_s=time.perf_counter() - t0,
+        graphs=int(counters["stats"]["unique_graphs"]),
+        graph_breaks=int(sum(counters["graph_break"].values())),
+    )
     return (lambda: cm(x)), timing
 
 
@@ -121,8 +126,10 @@ def measure_variants(
         x = torch.randn(batch, 3, protocol.img_size, protocol.img_size, device=device)
         p = protocol
         if mode == "eager":
-            say(f"batch {batch}, eager: {len(modules)} variant(s) in turns, {p.warmup} warm-up + "
-                f"{p.repeats} x {p.iters} call(s) each")
+            say(
+                f"batch {batch}, eager: {len(modules)} variant(s) in turns, {p.warmup} warm-up + "
+                f"{p.repeats} x {p.iters} call(s) each"
+            )
             fns = {name: (lambda m=m: m(x)) for name, m in modules.items()}
             with ctx():
                 per_call = round_robin(fns, device, p.iters, p.warmup, p.repeats)

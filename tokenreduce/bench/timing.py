@@ -1,9 +1,9 @@
 """Timers: CUDA events on a GPU, ``time.perf_counter`` on a CPU, several functions in turns.
 
-    round_robin(fns, device, iters, warmup, repeats)  ms per call of each fn, one entry per repeat
-    host_ms(fn)                                       ms to launch one call onto an idle GPU
-    graphed(fn)                                       fn captured in a CUDA graph (GPU time only)
-    kernel_times(fn, iters)                           each kernel's GPU us per call (torch.profiler)
+round_robin(fns, device, iters, warmup, repeats)  ms per call of each fn, one entry per repeat
+host_ms(fn)                                       ms to launch one call onto an idle GPU
+graphed(fn)                                       fn captured in a CUDA graph (GPU time only)
+kernel_times(fn, iters)                           each kernel's GPU us per call (torch.profiler)
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ __all__ = ["REDUCTION_KERNELS", "graphed", "host_ms", "kernel_times", "reduction
 
 # Kernels that belong to choosing and merging tokens. Not plain "squeeze": Inductor names the
 # kernels that consume the operator's output after it too. FillFunctor: the host keys' fill.
-REDUCTION_KERNELS = (r"topk|sort|gather|scatter|index|^_squeeze_|^_split_order|squeeze_reference|argmax|arg_max"
-                     r"|FillFunctor")
+REDUCTION_KERNELS = (
+    r"topk|sort|gather|scatter|index|^_squeeze_|^_split_order|squeeze_reference|argmax|arg_max"
+    r"|FillFunctor"
+)
 
 
 def _sync(device: torch.device) -> None:

@@ -32,9 +32,16 @@ def tokens_after_sites(reduced: nn.Module) -> list[int]:
 
 def _reduced_row(model_name: str, variant: Variant, reduced: nn.Module) -> Row:
     info = reduced.meta["tokenreduce"]
-    return Row(model=model_name, variant=variant.name, kind=variant.kind, method=variant.method, ratio=variant.ratio,
-               locs=[s.block for s in info.plan.sites], sites=[s.path for s in info.plan.sites],
-               tokens=tokens_after_sites(reduced))
+    return Row(
+        model=model_name,
+        variant=variant.name,
+        kind=variant.kind,
+        method=variant.method,
+        ratio=variant.ratio,
+        locs=[s.block for s in info.plan.sites],
+        sites=[s.path for s in info.plan.sites],
+        tokens=tokens_after_sites(reduced),
+    )
 
 
 def build_variants(
@@ -74,8 +81,13 @@ def build_variants(
             for rho in ratios:
                 torch.manual_seed(0)  # learned scorers: the same random head in every run
                 try:
-                    m = tokenreduce.apply(dense, method=method, locs=None if locs is None else list(locs),
-                                          keep_ratio=rho, example_input=example).eval()
+                    m = tokenreduce.apply(
+                        dense,
+                        method=method,
+                        locs=None if locs is None else list(locs),
+                        keep_ratio=rho,
+                        example_input=example,
+                    ).eval()
                     built.append((Variant("reduced", method, rho), m, None))
                 except (tokenreduce.TokenReduceError, ValueError, TypeError) as err:
                     built.append((Variant("reduced", method, rho), None, short_error(err)))
@@ -83,8 +95,16 @@ def build_variants(
     reduced_rows = []
     for variant, m, error in built:
         if m is None:
-            reduced_rows.append(Row(model=model_name, variant=variant.name, kind="reduced", method=variant.method,
-                                    ratio=variant.ratio, note=f"unsupported: {error}"))
+            reduced_rows.append(
+                Row(
+                    model=model_name,
+                    variant=variant.name,
+                    kind="reduced",
+                    method=variant.method,
+                    ratio=variant.ratio,
+                    note=f"unsupported: {error}",
+                )
+            )
             continue
         row = _reduced_row(model_name, variant, m)
         if limits:
@@ -96,8 +116,14 @@ def build_variants(
                     limit_rows[key] = _reduced_row(model_name, lv, limit)
                     modules[lv.name] = limit
                 except tokenreduce.TokenReduceError as err:
-                    limit_rows[key] = Row(model=model_name, variant=lv.name, kind="limit", method=lv.method,
-                                          ratio=lv.ratio, note=f"n/a: {short_error(err)}")
+                    limit_rows[key] = Row(
+                        model=model_name,
+                        variant=lv.name,
+                        kind="limit",
+                        method=lv.method,
+                        ratio=lv.ratio,
+                        note=f"n/a: {short_error(err)}",
+                    )
             if limit_rows[key].note is None:
                 row.limit = limit_rows[key].variant
         modules[variant.name] = m

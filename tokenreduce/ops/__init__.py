@@ -6,8 +6,8 @@ The public API is ``__all__``; the module layout behind it may change.
 import os
 
 from ._kernels import enable_by_default, enable_triton_kernels, register_device_kernels, triton_kernels_enabled
-from .grid import scatter_to_grid
 from .attention import cls_attention, policy_attention, policy_softmax
+from .grid import scatter_to_grid
 from .reduce import drop, fuse_one
 from .score_head import ScoreHead, gumbel_keep
 from .select import gather_tokens, topk_split
@@ -49,7 +49,9 @@ __all__ = [
 # enable_triton_kernels switches them at run time.
 _TRITON_DEFAULT = os.environ.get("TOKENREDUCE_TRITON", "1")
 if _TRITON_DEFAULT not in ("0", "1"):
-    raise ValueError(f"TOKENREDUCE_TRITON must be '0' (the reference kernels everywhere) or '1' (the Triton "
-                     f"kernels on CUDA, the default), got {_TRITON_DEFAULT!r}")
+    raise ValueError(
+        f"TOKENREDUCE_TRITON must be '0' (the reference kernels everywhere) or '1' (the Triton "
+        f"kernels on CUDA, the default), got {_TRITON_DEFAULT!r}"
+    )
 if _TRITON_DEFAULT == "1":
     enable_by_default()

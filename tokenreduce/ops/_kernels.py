@@ -43,8 +43,11 @@ OPERATORS = ("squeeze", "squeeze_tokens", "split_order")
 _DEVICE_KERNELS: dict[str, dict[str, Callable]] = {}
 _TRITON_DEVICE = "cuda"
 # triton_op needs torch >= 2.6 (with wrap_triton) and triton itself.
-TRITON_OP = (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-             and importlib.util.find_spec("triton") is not None)
+TRITON_OP = (
+    hasattr(torch.library, "triton_op")
+    and hasattr(torch.library, "wrap_triton")
+    and importlib.util.find_spec("triton") is not None
+)
 
 
 def register_device_kernels(device_type: str, **kernels: Callable) -> None:
@@ -58,8 +61,7 @@ def register_device_kernels(device_type: str, **kernels: Callable) -> None:
     """
     unknown = sorted(set(kernels) - set(OPERATORS))
     if unknown:
-        raise ValueError(f"register_device_kernels: unknown operator(s) {unknown}; "
-                         f"known: {list(OPERATORS)}")
+        raise ValueError(f"register_device_kernels: unknown operator(s) {unknown}; known: {list(OPERATORS)}")
     _DEVICE_KERNELS.setdefault(device_type, {}).update(kernels)
 
 
@@ -92,8 +94,10 @@ def enable_triton_kernels(enabled: bool = True) -> None:
     if importlib.util.find_spec("triton") is None:
         from ..errors import TokenReduceError
 
-        raise TokenReduceError("enable_triton_kernels: triton is not installed; install it "
-                               "(`pip install triton`) or keep the reference kernels")
+        raise TokenReduceError(
+            "enable_triton_kernels: triton is not installed; install it "
+            "(`pip install triton`) or keep the reference kernels"
+        )
     register_device_kernels(_TRITON_DEVICE, **_triton_kernels())
     logger.debug("tokenreduce: the Triton kernels serve %s on CUDA", ", ".join(OPERATORS))
 

@@ -49,9 +49,22 @@ def _rows(idx_ptr, stride_ib, stride_in, b, offs, mask, P, HAS_IDX: tl.constexpr
 
 
 @triton.jit
-def _dots_and_norms(r_base, p_base, rows_r, rows_p, mask_r, mask_p, C, stride_rn, stride_pn,
-                    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dots_and_norms(
+    r_base,
+    p_base,
+    rows_r,
+    rows_p,
+    mask_r,
+    mask_p,
+    C,
+    stride_rn,
+    stride_pn,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """One pass over the channels: dot products (BLOCK_P, BLOCK_R) and both sets of squared
     norms, fp32."""
     dots = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
@@ -60,10 +73,12 @@ def _dots_and_norms(r_base, p_base, rows_r, rows_p, mask_r, mask_p, C, stride_rn
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
-        xp = tl.load(p_base + rows_p[:, None] * stride_pn + offs_c[None, :],
-                     mask=mask_p[:, None] & mask_c[None, :], other=0.0)  # (BLOCK_P, BLOCK_C), input dtype
-        xr_t = tl.load(r_base + rows_r[None, :] * stride_rn + offs_c[:, None],
-                       mask=mask_c[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_C, BLOCK_R), transposed
+        xp = tl.load(
+            p_base + rows_p[:, None] * stride_pn + offs_c[None, :], mask=mask_p[:, None] & mask_c[None, :], other=0.0
+        )  # (BLOCK_P, BLOCK_C), input dtype
+        xr_t = tl.load(
+            r_base + rows_r[None, :] * stride_rn + offs_c[:, None], mask=mask_c[:, None] & mask_r[None, :], other=0.0
+        )  # (BLOCK_C, BLOCK_R), transposed
         xp_f = xp.to(tl.float32)
         xr_f = xr_t.to(tl.float32)
         if DOT_F32:
@@ -76,10 +91,32 @@ def _dots_and_norms(r_base, p_base, rows_r, rows_p, mask_r, mask_p, C, stride_rn
 
 
 @triton.jit
-def _squeeze_hosts_kernel(r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, Nr, Np, C, P,
-                          stride_rb, stride_rn, stride_pb, stride_pn, stride_rib, stride_rin, stride_pib, stride_pin,
-                          EPS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr, HAS_IDX: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _squeeze_hosts_kernel(
+    r_ptr,
+    p_ptr,
+    ridx_ptr,
+    pidx_ptr,
+    key_ptr,
+    Nr,
+    Np,
+    C,
+    P,
+    stride_rb,
+    stride_rn,
+    stride_pb,
+    stride_pn,
+    stride_rib,
+    stride_rin,
+    stride_pib,
+    stride_pin,
+    EPS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Grid (cdiv(Nr, BLOCK_R), cdiv(Np, BLOCK_P), B).  One program per (tile of reserved rows,
     block of pruned rows): their cosines, and each pruned row's best host in the tile.
     Writes ``atomic_max`` of ``pack_key(cosine, host)`` into the pruned rows' keys."""
@@ -96,8 +133,22 @@ def _squeeze_hosts_kernel(r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, Nr, Np, C, 
     mask_r = offs_r < Nr
     rows_r = _rows(ridx_ptr, stride_rib, stride_rin, b, offs_r, mask_r, P, HAS_IDX)
 
-    dots, ssq_p, ssq_r = _dots_and_norms(r_base, p_base, rows_r, rows_p, mask_r, mask_p, C, stride_rn, stride_pn,
-                                         PRECISION, DOT_F32, BLOCK_P, BLOCK_R, BLOCK_C)
+    dots, ssq_p, ssq_r = _dots_and_norms(
+        r_base,
+        p_base,
+        rows_r,
+        rows_p,
+        mask_r,
+        mask_p,
+        C,
+        stride_rn,
+        stride_pn,
+        PRECISION,
+        DOT_F32,
+        BLOCK_P,
+        BLOCK_R,
+        BLOCK_C,
+    )
     # fp32 squared norms overflow above ~1.8e19 (the reference rescales; see docs/kernels.md): the
     # cosine is then NaN, which the rule below ranks last.
     eps_p = EPS
@@ -135,8 +186,24 @@ def _out_rows(ridx_ptr, stride_rib, stride_rin, b, row0, Nr, P, HAS_IDX: tl.cons
 
 
 @triton.jit
-def _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P, stride_pb, stride_pn, stride_pib,
-                 stride_pin, HAS_IDX: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_P: tl.constexpr):
+def _pruned_tile(
+    p_ptr,
+    pidx_ptr,
+    key_ptr,
+    b,
+    p0,
+    offs_c,
+    mask_c,
+    Np,
+    P,
+    stride_pb,
+    stride_pn,
+    stride_pib,
+    stride_pin,
+    HAS_IDX: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """Pruned tokens p0 .. p0 + BLOCK_P: ``_block_hosts``'s host and weight, and w * xp over
     the channel tile (fp32 products) as three bfloat16 parts hi + mid + lo (8 + 8 + 8
     significant bits: the fp32 value)."""
@@ -144,8 +211,11 @@ def _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P, stride_
     mask_p = offs_p < Np
     rows_p = _rows(pidx_ptr, stride_pib, stride_pin, b, offs_p, mask_p, P, HAS_IDX)
     host, w = _block_hosts(key_ptr, b, p0, Np, BLOCK_P)
-    xp = tl.load(p_ptr + b * stride_pb + rows_p[:, None] * stride_pn + offs_c[None, :],
-                 mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+    xp = tl.load(
+        p_ptr + b * stride_pb + rows_p[:, None] * stride_pn + offs_c[None, :],
+        mask=mask_p[:, None] & mask_c[None, :],
+        other=0.0,
+    )
     wx = w[:, None] * xp.to(tl.float32)  # (BLOCK_P, BLOCK_C)
     hi = wx.to(tl.bfloat16)
     rest = wx - hi.to(tl.float32)
@@ -171,11 +241,36 @@ def _merge_tile(num, den, offs_j, is_res, host, w, hi, mid, lo):
 
 
 @triton.jit
-def _squeeze_fuse_kernel(r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, y_ptr, Nr, Np, C, P,
-                         stride_rb, stride_rn, stride_pb, stride_pn, stride_rib, stride_rin, stride_pib, stride_pin,
-                         stride_yb, stride_yn, E: tl.constexpr, DOT_F32: tl.constexpr, HAS_IDX: tl.constexpr,
-                         ONE_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                         ROW_TILES: tl.constexpr):
+def _squeeze_fuse_kernel(
+    r_ptr,
+    p_ptr,
+    ridx_ptr,
+    pidx_ptr,
+    key_ptr,
+    y_ptr,
+    Nr,
+    Np,
+    C,
+    P,
+    stride_rb,
+    stride_rn,
+    stride_pb,
+    stride_pn,
+    stride_rib,
+    stride_rin,
+    stride_pib,
+    stride_pin,
+    stride_yb,
+    stride_yn,
+    E: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    ONE_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ROW_TILES: tl.constexpr,
+):
     """Grid (cdiv(C, BLOCK_C), cdiv(P + Nr, ROW_TILES * BLOCK_R), B).  One program per (channel
     tile, group of ROW_TILES output-row tiles): every pruned token merged into its host's row.
     Writes those output rows: (e xr + num) / (e + den), or xr itself where nothing joined."""
@@ -185,22 +280,54 @@ def _squeeze_fuse_kernel(r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, y_ptr, Nr, N
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     if ONE_P:  # every pruned token in one block: read it once, merge it into every row tile
-        host, w, hi, mid, lo = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, 0, offs_c, mask_c, Np, P, stride_pb,
-                                            stride_pn, stride_pib, stride_pin, HAS_IDX, DOT_F32, BLOCK_P)
+        host, w, hi, mid, lo = _pruned_tile(
+            p_ptr,
+            pidx_ptr,
+            key_ptr,
+            b,
+            0,
+            offs_c,
+            mask_c,
+            Np,
+            P,
+            stride_pb,
+            stride_pn,
+            stride_pib,
+            stride_pin,
+            HAS_IDX,
+            DOT_F32,
+            BLOCK_P,
+        )
     row0 = pid_g * ROW_TILES * BLOCK_R
     tiles = tl.minimum(ROW_TILES, tl.cdiv(P + Nr - row0, BLOCK_R))
     for t in range(0, tiles):
-        offs_o, mask_o, offs_j, is_res, rows_o = _out_rows(ridx_ptr, stride_rib, stride_rin, b, row0 + t * BLOCK_R,
-                                                           Nr, P, HAS_IDX, BLOCK_R)
+        offs_o, mask_o, offs_j, is_res, rows_o = _out_rows(
+            ridx_ptr, stride_rib, stride_rin, b, row0 + t * BLOCK_R, Nr, P, HAS_IDX, BLOCK_R
+        )
         num = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         den = tl.zeros([BLOCK_R], dtype=tl.float32)
         if ONE_P:
             num, den = _merge_tile(num, den, offs_j, is_res, host, w, hi, mid, lo)
         else:
             for p0 in range(0, Np, BLOCK_P):
-                host_b, w_b, hi_b, mid_b, lo_b = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, p0, offs_c, mask_c, Np, P,
-                                                              stride_pb, stride_pn, stride_pib, stride_pin,
-                                                              HAS_IDX, DOT_F32, BLOCK_P)
+                host_b, w_b, hi_b, mid_b, lo_b = _pruned_tile(
+                    p_ptr,
+                    pidx_ptr,
+                    key_ptr,
+                    b,
+                    p0,
+                    offs_c,
+                    mask_c,
+                    Np,
+                    P,
+                    stride_pb,
+                    stride_pn,
+                    stride_pib,
+                    stride_pin,
+                    HAS_IDX,
+                    DOT_F32,
+                    BLOCK_P,
+                )
                 num, den = _merge_tile(num, den, offs_j, is_res, host_b, w_b, hi_b, mid_b, lo_b)
         mask = mask_o[:, None] & mask_c[None, :]
         xr = tl.load(r_ptr + b * stride_rb + rows_o[:, None] * stride_rn + offs_c[None, :], mask=mask, other=0.0)
@@ -211,11 +338,34 @@ def _squeeze_fuse_kernel(r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, y_ptr, Nr, N
 
 
 @triton.jit
-def _squeeze_update_kernel(r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, y_ptr, Nr, Np, C, P,
-                           stride_rb, stride_rn, stride_pb, stride_pn, stride_rib, stride_rin, stride_pib,
-                           stride_pin, stride_yb, stride_yn, E: tl.constexpr, DOT_F32: tl.constexpr,
-                           HAS_IDX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+def _squeeze_update_kernel(
+    r_ptr,
+    p_ptr,
+    ridx_ptr,
+    pidx_ptr,
+    key_ptr,
+    y_ptr,
+    Nr,
+    Np,
+    C,
+    P,
+    stride_rb,
+    stride_rn,
+    stride_pb,
+    stride_pn,
+    stride_rib,
+    stride_rin,
+    stride_pib,
+    stride_pin,
+    stride_yb,
+    stride_yn,
+    E: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Grid (cdiv(C, BLOCK_C), B).  One program per (channel tile, image): copies every output
     row, then recomputes each pruned token's host row from the token's whole group.
     Writes all P + Nr output rows (tokens of one group write the same values to one row)."""
@@ -239,9 +389,24 @@ def _squeeze_update_kernel(r_ptr, p_ptr, ridx_ptr, pidx_ptr, key_ptr, y_ptr, Nr,
         num = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         den = tl.zeros([BLOCK_P], dtype=tl.float32)
         for q0 in range(0, Np, BLOCK_P):
-            host_q, w_q, hi_q, mid_q, lo_q = _pruned_tile(p_ptr, pidx_ptr, key_ptr, b, q0, offs_c, mask_c, Np, P,
-                                                          stride_pb, stride_pn, stride_pib, stride_pin,
-                                                          HAS_IDX, DOT_F32, BLOCK_P)
+            host_q, w_q, hi_q, mid_q, lo_q = _pruned_tile(
+                p_ptr,
+                pidx_ptr,
+                key_ptr,
+                b,
+                q0,
+                offs_c,
+                mask_c,
+                Np,
+                P,
+                stride_pb,
+                stride_pn,
+                stride_pib,
+                stride_pin,
+                HAS_IDX,
+                DOT_F32,
+                BLOCK_P,
+            )
             num, den = _merge_tile(num, den, host, valid, host_q, w_q, hi_q, mid_q, lo_q)
         rows_h = _rows(ridx_ptr, stride_rib, stride_rin, b, host, valid, P, HAS_IDX)
         mask = valid[:, None] & mask_c[None, :]
@@ -255,8 +420,9 @@ def _configs(shapes: list[tuple], names: tuple[str, ...]) -> list:
     interpreting (each interpreted launch is slow, and timing it means nothing)."""
     if interpreting():
         shapes = shapes[:1]
-    return [triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
-            for *blocks, warps, stages in shapes]
+    return [
+        triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages) for *blocks, warps, stages in shapes
+    ]
 
 
 # The first entry of each list is the untuned default (the interpreter's only config). Why these
@@ -266,9 +432,12 @@ FUSE_CONFIGS = [(32, 64, 1, 4, 2), (32, 32, 1, 4, 2), (16, 64, 1, 4, 2), (32, 12
 UPDATE_CONFIGS = [(32, 64, 4, 2), (32, 128, 8, 2)]  # (BLOCK_R, BLOCK_C, warps, stages)
 # Tuned per problem size and dtype (Triton adds the tensor dtypes to the key). With more than
 # one config, every timed host search must start from the empty keys (restore_value).
-hosts_tuned = triton.autotune(_configs(HOSTS_CONFIGS, ("BLOCK_R", "BLOCK_C")), key=["Nr", "Np", "C", "HAS_IDX"],
-                              restore_value=["key_ptr"])(_squeeze_hosts_kernel)
-fuse_tuned = triton.autotune(_configs(FUSE_CONFIGS, ("BLOCK_R", "BLOCK_C", "ROW_TILES")),
-                             key=["Nr", "Np", "C", "P", "HAS_IDX"])(_squeeze_fuse_kernel)
-update_tuned = triton.autotune(_configs(UPDATE_CONFIGS, ("BLOCK_R", "BLOCK_C")),
-                               key=["Nr", "Np", "C", "P", "HAS_IDX"])(_squeeze_update_kernel)
+hosts_tuned = triton.autotune(
+    _configs(HOSTS_CONFIGS, ("BLOCK_R", "BLOCK_C")), key=["Nr", "Np", "C", "HAS_IDX"], restore_value=["key_ptr"]
+)(_squeeze_hosts_kernel)
+fuse_tuned = triton.autotune(
+    _configs(FUSE_CONFIGS, ("BLOCK_R", "BLOCK_C", "ROW_TILES")), key=["Nr", "Np", "C", "P", "HAS_IDX"]
+)(_squeeze_fuse_kernel)
+update_tuned = triton.autotune(_configs(UPDATE_CONFIGS, ("BLOCK_R", "BLOCK_C")), key=["Nr", "Np", "C", "P", "HAS_IDX"])(
+    _squeeze_update_kernel
+)

@@ -12,8 +12,7 @@ import os
 
 import torch
 
-__all__ = ["HAVE_TRITON", "KEY_INDEX_MAX", "KEY_LOWEST", "check_runnable", "device_guard", "interpreting",
-           "launcher"]
+__all__ = ["HAVE_TRITON", "KEY_INDEX_MAX", "KEY_LOWEST", "check_runnable", "device_guard", "interpreting", "launcher"]
 
 # Order keys (``_triton_keys.py``): a float32 value's order bits above, ``KEY_INDEX_MAX - index``
 # below, so that a larger key is a larger value or, between equal values, a lower index.

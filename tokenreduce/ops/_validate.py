@@ -31,17 +31,14 @@ def check_tensor(op: str, name: str, x: object, ndim: int, layout: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: `{name}` must be a torch.Tensor {layout}, got {type(x).__name__}")
     if x.dim() != ndim:
-        raise ValueError(
-            f"{op}: `{name}` must have {ndim} dims {layout}, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{op}: `{name}` must have {ndim} dims {layout}, got shape {tuple(x.shape)}")
 
 
 def check_float(op: str, name: str, x: Tensor) -> None:
     """``x`` must hold floating-point values (token features, scores and masks all do)."""
     if not x.dtype.is_floating_point:
         raise TypeError(
-            f"{op}: `{name}` must be a floating-point tensor, got dtype {x.dtype}; "
-            f"convert it with `.float()`"
+            f"{op}: `{name}` must be a floating-point tensor, got dtype {x.dtype}; convert it with `.float()`"
         )
 
 
@@ -49,15 +46,15 @@ def check_dtype(op: str, name: str, x: Tensor, allowed: tuple[torch.dtype, ...])
     """``x`` must have one of the ``allowed`` dtypes (a kernel's: the reference serves the rest)."""
     if x.dtype not in allowed:
         names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-        raise TypeError(f"{op}: `{name}` must have dtype {names}, got {x.dtype}; other dtypes "
-                        f"are served by the reference")
+        raise TypeError(
+            f"{op}: `{name}` must have dtype {names}, got {x.dtype}; other dtypes are served by the reference"
+        )
 
 
 def check_same_device(op: str, name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     """Tensors read by one kernel must live on one device."""
     if a.device != b.device:
-        raise ValueError(f"{op}: `{name_a}` and `{name_b}` must be on the same device, got "
-                         f"{a.device} and {b.device}")
+        raise ValueError(f"{op}: `{name_a}` and `{name_b}` must be on the same device, got {a.device} and {b.device}")
 
 
 def check_index(op: str, name: str, x: Tensor) -> None:
@@ -69,28 +66,19 @@ def check_index(op: str, name: str, x: Tensor) -> None:
 def check_same_dtype(op: str, name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     """Two feature tensors combined into one output must share a dtype."""
     if a.dtype != b.dtype:
-        raise TypeError(
-            f"{op}: `{name_a}` and `{name_b}` must have the same dtype, "
-            f"got {a.dtype} and {b.dtype}"
-        )
+        raise TypeError(f"{op}: `{name_a}` and `{name_b}` must have the same dtype, got {a.dtype} and {b.dtype}")
 
 
-def check_size_match(
-    op: str, what: str, name_a: str, size_a: int, name_b: str, size_b: int
-) -> None:
+def check_size_match(op: str, what: str, name_a: str, size_a: int, name_b: str, size_b: int) -> None:
     """One dimension (``what``: "batch size", "channels", ...) must agree between two arguments."""
     if size_a != size_b:
-        raise ValueError(
-            f"{op}: `{name_a}` and `{name_b}` must have the same {what}, got {size_a} and {size_b}"
-        )
+        raise ValueError(f"{op}: `{name_a}` and `{name_b}` must have the same {what}, got {size_a} and {size_b}")
 
 
 def check_shape(op: str, name: str, x: Tensor, expected: tuple[int, ...], layout: str) -> None:
     """``x`` must have exactly the shape ``expected`` (``layout`` names the dims)."""
     if tuple(x.shape) != tuple(expected):
-        raise ValueError(
-            f"{op}: `{name}` must have shape {layout} = {tuple(expected)}, got {tuple(x.shape)}"
-        )
+        raise ValueError(f"{op}: `{name}` must have shape {layout} = {tuple(expected)}, got {tuple(x.shape)}")
 
 
 def check_token_pair(op: str, reserved: Tensor, pruned: Tensor) -> None:
@@ -122,5 +110,6 @@ def check_num_prefix(op: str, num_prefix: object, x: Tensor) -> None:
     """``num_prefix`` must be an int in [0, N] for the stream ``x`` (B, N, C)."""
     n = x.shape[1]
     if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or not 0 <= num_prefix <= n:
-        raise ValueError(f"{op}: `num_prefix` must be an int in [0, {n}] (x of shape "
-                         f"{tuple(x.shape)}), got {num_prefix!r}")
+        raise ValueError(
+            f"{op}: `num_prefix` must be an int in [0, {n}] (x of shape {tuple(x.shape)}), got {num_prefix!r}"
+        )

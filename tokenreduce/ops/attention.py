@@ -35,8 +35,9 @@ def cls_attention(q: Tensor, k: Tensor, scale: float, num_prefix: int) -> Tensor
     if isinstance(num_prefix, bool) or not isinstance(num_prefix, (int, torch.SymInt)):
         raise TypeError(f"{op}: `num_prefix` must be an int, got {type(num_prefix).__name__}")
     if not 0 <= num_prefix < N:
-        raise ValueError(f"{op}: `num_prefix` must satisfy 0 <= num_prefix < N = {N} "
-                         f"(at least one patch token), got {num_prefix}")
+        raise ValueError(
+            f"{op}: `num_prefix` must satisfy 0 <= num_prefix < N = {N} (at least one patch token), got {num_prefix}"
+        )
     q0 = q[:, :, :1]  # (B, H, 1, d)
     if torch.compiler.is_compiling():
         # Inductor fuses this into one reduction that reads K where it lies (a strided view of
@@ -70,8 +71,9 @@ def policy_softmax(scores: Tensor, policy: Tensor) -> Tensor:
     check_float(op, "policy", policy)
     B, H, N, N2 = scores.shape
     if N != N2:
-        raise ValueError(f"{op}: `scores` must be square in its last two dims (B, H, N, N), "
-                         f"got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"{op}: `scores` must be square in its last two dims (B, H, N, N), got shape {tuple(scores.shape)}"
+        )
     check_shape(op, "policy", policy, (B, N), "(B, N)")
 
     # In half precision eps / N vanishes next to 1 and the row sums lose digits: work in at

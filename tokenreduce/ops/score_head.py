@@ -27,8 +27,9 @@ class ScoreHead(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4 or dim % 2:
-            raise ValueError(f"ScoreHead: `dim` must be an even int >= 4 (it is split into "
-                             f"halves and quarters), got {dim!r}")
+            raise ValueError(
+                f"ScoreHead: `dim` must be an even int >= 4 (it is split into halves and quarters), got {dim!r}"
+            )
         self.dim = dim
         self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
         self.classify = nn.Sequential(
@@ -44,11 +45,11 @@ class ScoreHead(nn.Module):
         check_tensor(op, "x", x, 3, "(B, P + n, C)")
         B, N, C = x.shape
         if C != self.dim:
-            raise ValueError(f"{op}: `x` must have {self.dim} channels (the head's dim), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"{op}: `x` must have {self.dim} channels (the head's dim), got shape {tuple(x.shape)}")
         if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or not 0 <= num_prefix < N:
-            raise ValueError(f"{op}: `num_prefix` must be an int in [0, {N}) (x of shape "
-                             f"{tuple(x.shape)}), got {num_prefix!r}")
+            raise ValueError(
+                f"{op}: `num_prefix` must be an int in [0, {N}) (x of shape {tuple(x.shape)}), got {num_prefix!r}"
+            )
         n = N - num_prefix
         h = self.embed(x)[:, num_prefix:]  # (B, n, C)
         half = C // 2
@@ -82,6 +83,7 @@ def gumbel_keep(log_probs: Tensor, tau: float = 1.0) -> Tensor:
     check_tensor(op, "log_probs", log_probs, 3, "(B, n, 2)")
     check_float(op, "log_probs", log_probs)
     if log_probs.shape[2] != 2:
-        raise ValueError(f"{op}: `log_probs` must have 2 channels (keep, drop) (B, n, 2), "
-                         f"got shape {tuple(log_probs.shape)}")
+        raise ValueError(
+            f"{op}: `log_probs` must have 2 channels (keep, drop) (B, n, 2), got shape {tuple(log_probs.shape)}"
+        )
     return F.gumbel_softmax(log_probs, tau=tau, hard=True)[..., :1]  # (B, n, 1)

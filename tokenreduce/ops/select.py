@@ -39,8 +39,9 @@ def topk_split(scores: Tensor, k: int | torch.SymInt) -> tuple[Tensor, Tensor]:
     if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
         raise TypeError(f"{op}: `k` must be an int, got {type(k).__name__}")
     if not 1 <= k <= n:
-        raise ValueError(f"{op}: `k` must satisfy 1 <= k <= n = {n} (scores of shape "
-                         f"{tuple(scores.shape)}), got k = {k}")
+        raise ValueError(
+            f"{op}: `k` must satisfy 1 <= k <= n = {n} (scores of shape {tuple(scores.shape)}), got k = {k}"
+        )
     order = torch.ops.tokenreduce.split_order(scores, k)  # (B, n)
     return order[:, :k], order[:, k:]
 

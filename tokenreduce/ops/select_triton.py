@@ -53,8 +53,7 @@ def split_order_triton(scores: torch.Tensor, k: int, traceable: bool = False) ->
     block = triton.next_power_of_2(n)
     warps = 4 if block <= 1024 else 8
     with device_guard(scores.device):
-        kernel[(B,)](scores, order, n, k, *scores.stride(), order.stride(0),
-                     BLOCK_N=block, num_warps=warps, **opts)
+        kernel[(B,)](scores, order, n, k, *scores.stride(), order.stride(0), BLOCK_N=block, num_warps=warps, **opts)
     return order
 
 

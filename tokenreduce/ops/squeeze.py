@@ -42,12 +42,27 @@ from torch import Tensor
 
 from ._kernels import define_op, device_kernel, register_device_kernels
 from ._validate import (
-    check_float, check_index_pair, check_num_prefix, check_shape, check_tensor, check_token_pair,
+    check_float,
+    check_index_pair,
+    check_num_prefix,
+    check_shape,
+    check_tensor,
+    check_token_pair,
 )
 from .select import gather_tokens
 
-__all__ = ["SqueezeAssignment", "register_device_kernels", "squeeze", "squeeze_assign", "squeeze_masked",
-           "squeeze_op", "squeeze_reference", "squeeze_tokens", "squeeze_tokens_op", "squeeze_tokens_reference"]
+__all__ = [
+    "SqueezeAssignment",
+    "register_device_kernels",
+    "squeeze",
+    "squeeze_assign",
+    "squeeze_masked",
+    "squeeze_op",
+    "squeeze_reference",
+    "squeeze_tokens",
+    "squeeze_tokens_op",
+    "squeeze_tokens_reference",
+]
 
 # The host joins its own group with self-similarity 1, i.e. weight exp(1) (the authors' math.e).
 SELF_WEIGHT = math.e
@@ -179,8 +194,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(reserved, pruned)
 
 
-def _reference_grads(reference, inputs: tuple[Tensor, ...], needs: tuple[bool, ...], grad: Tensor,
-                     *static) -> list[Tensor | None]:
+def _reference_grads(
+    reference, inputs: tuple[Tensor, ...], needs: tuple[bool, ...], grad: Tensor, *static
+) -> list[Tensor | None]:
     """The vector-Jacobian product of ``reference(*inputs, *static)`` with ``grad``: one entry per
     input (None where not needed).
 
@@ -255,8 +271,7 @@ def _tokens_backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None
     x, kept_idx, pruned_idx = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
-    (grad_x,) = _reference_grads(squeeze_tokens_reference, (x,), (True,), grad, kept_idx, pruned_idx,
-                                 ctx.num_prefix)
+    (grad_x,) = _reference_grads(squeeze_tokens_reference, (x,), (True,), grad, kept_idx, pruned_idx, ctx.num_prefix)
     return grad_x, None, None, None
 
 

@@ -38,7 +38,12 @@ import torch
 
 from ._triton import HAVE_TRITON, KEY_INDEX_MAX, KEY_LOWEST, check_runnable, device_guard, interpreting, launcher
 from ._validate import (
-    check_dtype, check_index_pair, check_num_prefix, check_same_device, check_same_dtype, check_size_match,
+    check_dtype,
+    check_index_pair,
+    check_num_prefix,
+    check_same_device,
+    check_same_dtype,
+    check_size_match,
     check_tensor,
 )
 
@@ -109,8 +114,9 @@ def _squeeze_keys(reserved, pruned, traceable: bool = False) -> tuple[torch.Tens
     return _launch(reserved, pruned, None, None, 0, Nr, Np, traceable)
 
 
-def squeeze_tokens_triton(x: torch.Tensor, kept_idx: torch.Tensor, pruned_idx: torch.Tensor,
-                          num_prefix: int) -> torch.Tensor:
+def squeeze_tokens_triton(
+    x: torch.Tensor, kept_idx: torch.Tensor, pruned_idx: torch.Tensor, num_prefix: int
+) -> torch.Tensor:
     """``squeeze_tokens`` (see ``ops.squeeze``): x (B, P + n, C), kept_idx (B, k), pruned_idx
     (B, n - k) int64 into ``x[:, P:]`` -> a new (B, P + k, C), pass-through rows included."""
     return _squeeze_tokens_keys(x, kept_idx, pruned_idx, num_prefix)[0]
@@ -183,16 +189,21 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
     with device_guard(dev):
         if Np > 0 and Nr > 0:
             hosts[lambda meta: (triton.cdiv(Nr, meta["BLOCK_R"]), triton.cdiv(Np, block_p), B)](
-                *args, Nr, Np, C, P, *strides, EPS=_EPS, PRECISION=_precision(dtype), **common, **hosts_opts)
+                *args, Nr, Np, C, P, *strides, EPS=_EPS, PRECISION=_precision(dtype), **common, **hosts_opts
+            )
         rows = P + Nr
         if update:
             grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), B)  # noqa: E731
             merge[grid](*args, y, Nr, Np, C, P, *strides, *y.stride()[:2], E=math.e, **common, **merge_opts)
         else:
-            grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),  # noqa: E731
-                                 triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]), B)
-            merge[grid](*args, y, Nr, Np, C, P, *strides, *y.stride()[:2], E=math.e, ONE_P=block_p >= Np,
-                        **common, **merge_opts)
+            grid = lambda meta: (  # noqa: E731
+                triton.cdiv(C, meta["BLOCK_C"]),
+                triton.cdiv(rows, meta["BLOCK_R"] * meta["ROW_TILES"]),
+                B,
+            )
+            merge[grid](
+                *args, y, Nr, Np, C, P, *strides, *y.stride()[:2], E=math.e, ONE_P=block_p >= Np, **common, **merge_opts
+            )
     return y, keys
 
 
@@ -215,8 +226,9 @@ def _cuda_kernel(reserved: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     return _squeeze_keys(reserved, pruned, traceable=True)[0]
 
 
-def _cuda_tokens_kernel(x: torch.Tensor, kept_idx: torch.Tensor, pruned_idx: torch.Tensor,
-                        num_prefix: int) -> torch.Tensor:
+def _cuda_tokens_kernel(
+    x: torch.Tensor, kept_idx: torch.Tensor, pruned_idx: torch.Tensor, num_prefix: int
+) -> torch.Tensor:
     if x.dtype not in _SUPPORTED_DTYPES:
         from .squeeze import squeeze_tokens_reference
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..anchors import find
 from ..analysis import ModelMap
+from ..anchors import find
 from ..plan import Plan
 from ..runtime.outputs import final_keep, hosts_of, make_aux
 from ..runtime.state import keep_mask

@@ -7,11 +7,12 @@ import operator
 import torch.fx as fx
 from torch import nn
 
-from ..anchors import find
 from ..analysis import ModelMap
+from ..anchors import find
 from ..errors import TokenReduceError
 from ..plan import Plan
 from .infra import graph_pass, tag
+from .positions import gather_positions_in
 
 __all__ = ["insert_sites"]
 
@@ -25,6 +26,8 @@ def insert_sites(gm: fx.GraphModule, model_map: ModelMap, plan: Plan, modules: l
     ``P + sites[i].n_out`` tokens for the example input (P prefix tokens, untouched); every later
     user of the stream reads the reduced tensor; sites of one stage are chained through a
     ``TokenState``. The site call is tagged ``site``, its state ``state_of`` (with its ``stage``).
+    Position-indexed tensors meeting attention after a site are indexed by the kept tokens'
+    positions (:func:`tokenreduce.passes.positions.gather_positions_in`).
 
     Generated code, eTPS at block 3 (placement after attention)::
 
@@ -47,8 +50,9 @@ def insert_sites(gm: fx.GraphModule, model_map: ModelMap, plan: Plan, modules: l
     last_state: dict[int, fx.Node] = {}
     for site in plan.sites:
         block = model_map.block(site.block)
-        anchor = find(graph, "entry" if site.placement == "before" else "attn_residual", block.index,
-                      user="pass insert_sites")
+        anchor = find(
+            graph, "entry" if site.placement == "before" else "attn_residual", block.index, user="pass insert_sites"
+        )
         kwargs = {}
         if site.placement == "after_attn":
             att = find(graph, "attn", block.index, user="pass insert_sites")
@@ -67,4 +71,4 @@ def insert_sites(gm: fx.GraphModule, model_map: ModelMap, plan: Plan, modules: l
         tag(call, site=site.index, block=site.block)
         tag(state, state_of=site.index, stage=site.stage)
         last_state[site.stage] = state
-    return gm
+    return gather_positions_in(gm, model_map)  # rotary tables, relative position bias follow the tokens

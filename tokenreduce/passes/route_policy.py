@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..anchors import find, move
 from ..analysis import ModelMap
+from ..anchors import find, move
 from ..plan import Plan
 from ..runtime.attention import attend, masked_probs
 from .infra import graph_pass, require, tag, tags

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..anchors import find_all
 from ..analysis import ModelMap
+from ..anchors import find_all
 from ..runtime.grid import from_grid_tokens, to_grid_tokens
 from .infra import graph_pass, require, tag, tags
 

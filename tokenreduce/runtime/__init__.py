@@ -12,6 +12,16 @@ from .site import ReductionSite
 from .state import AttnInputs, TokenState, keep_mask
 
 __all__ = [
-    "Aux", "AttnInputs", "ReductionSite", "TokenState", "attend", "final_keep", "from_grid_tokens",
-    "hosts_of", "keep_mask", "make_aux", "masked_probs", "to_grid_tokens",
+    "Aux",
+    "AttnInputs",
+    "ReductionSite",
+    "TokenState",
+    "attend",
+    "final_keep",
+    "from_grid_tokens",
+    "hosts_of",
+    "keep_mask",
+    "make_aux",
+    "masked_probs",
+    "to_grid_tokens",
 ]

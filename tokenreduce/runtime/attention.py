@@ -21,14 +21,21 @@ def _policy(keep: Tensor, num_prefix: int) -> Tensor:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, state: TokenState | None, num_prefix: int, **sdpa_kwargs) -> Tensor:
     """``F.scaled_dot_product_attention`` unless ``state`` holds a training keep mask; then the
-    policy-masked attention (keys masked, self always visible, float32): (B, H, N, d) each.
+    policy-masked attention (keys masked, self always visible, float32): (B, H, N, d) each. A
+    float ``attn_mask`` (relative position bias) is added to the logits before the policy softmax.
     In eval the call is exactly the original one."""
     keep = None if state is None else state.keep
     if keep is None:
         return F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
-    if sdpa_kwargs.get("attn_mask") is not None or sdpa_kwargs.get("is_causal"):
-        raise TokenReduceError("attend: an attention mask or causal attention cannot be combined with a keep policy")
+    mask = sdpa_kwargs.get("attn_mask")
+    if sdpa_kwargs.get("is_causal") or (mask is not None and not mask.is_floating_point()):
+        raise TokenReduceError(
+            "attend: a boolean attention mask or causal attention cannot be combined with a keep policy"
+        )
     scale = sdpa_kwargs.get("scale") or q.shape[-1] ** -0.5
+    if mask is not None:  # an additive bias (relative position bias): (B or 1, H or 1, N, N)
+        scores = (q * scale) @ k.transpose(-2, -1) + mask
+        return ops.policy_softmax(scores, _policy(keep, num_prefix)).to(v.dtype) @ v
     return ops.policy_attention(q, k, v, _policy(keep, num_prefix), scale)
 
 

@@ -44,8 +44,9 @@ class ReductionSite(nn.Module):
         self.scorer = method.scorer(dim, site.num_prefix)
 
     def extra_repr(self) -> str:
-        return (f"ratio={self.ratio:.4g}, counts={self.counts}, reducer={self.reducer.name}, "
-                f"num_prefix={self.num_prefix}")
+        return (
+            f"ratio={self.ratio:.4g}, counts={self.counts}, reducer={self.reducer.name}, num_prefix={self.num_prefix}"
+        )
 
     def forward(
         self,

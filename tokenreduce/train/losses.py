@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "ratio_loss", "logit_distillation", "token_distillation", "TokenReductionLoss", "LossParts", "TOKEN_LOSSES",
+    "ratio_loss",
+    "logit_distillation",
+    "token_distillation",
+    "TokenReductionLoss",
+    "LossParts",
+    "TOKEN_LOSSES",
 ]
 
 TOKEN_LOSSES = ("kl", "mse")
@@ -37,8 +42,9 @@ def ratio_loss(keeps: Sequence[Tensor], targets: Sequence[float]) -> Tensor:
         A scalar; 0 when every site keeps exactly its target.
     """
     if len(keeps) != len(targets):
-        raise ValueError(f"ratio_loss: got {len(keeps)} keep masks for {len(targets)} targets; "
-                         f"give one target per site")
+        raise ValueError(
+            f"ratio_loss: got {len(keeps)} keep masks for {len(targets)} targets; give one target per site"
+        )
     if not keeps:
         raise ValueError("ratio_loss: no keep masks; the reduced model has no learned site (apply(..., aux=True))")
     terms = []
@@ -58,7 +64,8 @@ def logit_distillation(student: Tensor, teacher: Tensor, temperature: float = 1.
     if student.shape != teacher.shape or student.dim() != 2:
         raise ValueError(
             f"logit_distillation: student and teacher logits must both be (B, K), got "
-            f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"logit_distillation: temperature must be > 0, got {temperature}")
     s = F.log_softmax(_wide(student) / temperature, dim=-1)
@@ -86,10 +93,12 @@ def token_distillation(student: Tensor, teacher: Tensor, keep: Tensor, kind: str
     if student.shape != teacher.shape or student.dim() != 3:
         raise ValueError(
             f"token_distillation: student and teacher tokens must both be (B, N, C), got "
-            f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+            f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
     if keep.shape != student.shape[:2]:
-        raise ValueError(f"token_distillation: keep must be (B, N) = {tuple(student.shape[:2])}, "
-                         f"got {tuple(keep.shape)}")
+        raise ValueError(
+            f"token_distillation: keep must be (B, N) = {tuple(student.shape[:2])}, got {tuple(keep.shape)}"
+        )
     alive = keep.detach() > 0.5  # (B, N)
     s = _wide(student)[alive]  # (R, C): the alive rows
     t = _wide(teacher)[alive]
@@ -133,11 +142,14 @@ class TokenReductionLoss(nn.Module):
     ) -> None:
         super().__init__()
         if ratio_weight < 0 or distill_weight < 0:
-            raise ValueError(f"TokenReductionLoss: weights must be >= 0, got ratio_weight={ratio_weight}, "
-                             f"distill_weight={distill_weight}")
+            raise ValueError(
+                f"TokenReductionLoss: weights must be >= 0, got ratio_weight={ratio_weight}, "
+                f"distill_weight={distill_weight}"
+            )
         if token_loss is not None and token_loss not in TOKEN_LOSSES:
-            raise ValueError(f"TokenReductionLoss: token_loss must be one of {TOKEN_LOSSES} or None, "
-                             f"got {token_loss!r}")
+            raise ValueError(
+                f"TokenReductionLoss: token_loss must be one of {TOKEN_LOSSES} or None, got {token_loss!r}"
+            )
         self.base = base
         self.ratio_weight = float(ratio_weight)
         self.distill_weight = float(distill_weight)
@@ -169,22 +181,28 @@ class TokenReductionLoss(nn.Module):
         parts = {"ce": float(ce.detach())}
         if self.ratio_weight > 0:
             if keeps is None or targets is None:
-                raise ValueError("TokenReductionLoss: ratio_weight > 0 needs keeps and targets; pass the aux keep "
-                                 "masks, or set ratio_weight=0 for a method without learned sites")
+                raise ValueError(
+                    "TokenReductionLoss: ratio_weight > 0 needs keeps and targets; pass the aux keep "
+                    "masks, or set ratio_weight=0 for a method without learned sites"
+                )
             ratio = ratio_loss(keeps, targets)
             total = total + self.ratio_weight * ratio
             parts["ratio"] = float(ratio.detach())
         if self.distill_weight > 0:
             if teacher_logits is None:
-                raise ValueError("TokenReductionLoss: distill_weight > 0 needs teacher_logits; set distill_weight=0 "
-                                 "to train without a teacher")
+                raise ValueError(
+                    "TokenReductionLoss: distill_weight > 0 needs teacher_logits; set distill_weight=0 "
+                    "to train without a teacher"
+                )
             kl = logit_distillation(logits, teacher_logits, self.temperature)
             distill = kl
             parts["kl_cls"] = float(kl.detach())
             if self.token_loss is not None:
                 if tokens is None or teacher_tokens is None or token_keep is None:
-                    raise ValueError("TokenReductionLoss: a token loss needs tokens, teacher_tokens and token_keep; "
-                                     "set token_loss=None to distil the logits only")
+                    raise ValueError(
+                        "TokenReductionLoss: a token loss needs tokens, teacher_tokens and token_keep; "
+                        "set token_loss=None to distil the logits only"
+                    )
                 tok = token_distillation(tokens, teacher_tokens, token_keep, self.token_loss)
                 distill = distill + tok
                 parts["token"] = float(tok.detach())

@@ -57,13 +57,26 @@ class Recipe:
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
-        for key in ("lr", "min_lr", "warmup_lr", "weight_decay", "backbone_lr_scale", "ratio_weight",
-                    "distill_weight", "mixup", "cutmix", "smoothing", "drop_path"):
+        for key in (
+            "lr",
+            "min_lr",
+            "warmup_lr",
+            "weight_decay",
+            "backbone_lr_scale",
+            "ratio_weight",
+            "distill_weight",
+            "mixup",
+            "cutmix",
+            "smoothing",
+            "drop_path",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"recipe {self.name}: {key} must be >= 0, got {getattr(self, key)}")
         if self.lr <= 0 or self.batch_ref <= 0 or self.epochs <= 0:
-            raise ValueError(f"recipe {self.name}: lr, batch_ref and epochs must be > 0, got lr={self.lr}, "
-                             f"batch_ref={self.batch_ref}, epochs={self.epochs}")
+            raise ValueError(
+                f"recipe {self.name}: lr, batch_ref and epochs must be > 0, got lr={self.lr}, "
+                f"batch_ref={self.batch_ref}, epochs={self.epochs}"
+            )
         if self.warmup_epochs < 0 or self.freeze_backbone_epochs < 0:
             raise ValueError(f"recipe {self.name}: warmup_epochs and freeze_backbone_epochs must be >= 0")
         if self.train_mode not in ("train", "eval"):
@@ -82,21 +95,59 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "tps": Recipe(
-        "tps", lr=2.5e-4, batch_ref=1024, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=5,
-        ratio_weight=2.0, distill_weight=0.5, token_loss="kl",
-        notes=("TPS release: all parameters at one lr; fp16 with a grad scaler; DeiT-T without a teacher",)),
+        "tps",
+        lr=2.5e-4,
+        batch_ref=1024,
+        min_lr=1e-5,
+        warmup_lr=1e-6,
+        warmup_epochs=5,
+        ratio_weight=2.0,
+        distill_weight=0.5,
+        token_loss="kl",
+        notes=("TPS release: all parameters at one lr; fp16 with a grad scaler; DeiT-T without a teacher",),
+    ),
     "dynamicvit": Recipe(
-        "dynamicvit", lr=1e-3, batch_ref=1024, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=5,
-        backbone_lr_scale=0.01, freeze_backbone_epochs=5, frozen=("cls_token", "pos_embed"),
-        ratio_weight=2.0, distill_weight=0.5, token_loss="mse", model_ema=True, model_ema_decay=0.9999,
-        notes=("DynamicViT release: ratio weight 5 for DeiT-B",)),
+        "dynamicvit",
+        lr=1e-3,
+        batch_ref=1024,
+        min_lr=1e-6,
+        warmup_lr=1e-6,
+        warmup_epochs=5,
+        backbone_lr_scale=0.01,
+        freeze_backbone_epochs=5,
+        frozen=("cls_token", "pos_embed"),
+        ratio_weight=2.0,
+        distill_weight=0.5,
+        token_loss="mse",
+        model_ema=True,
+        model_ema_decay=0.9999,
+        notes=("DynamicViT release: ratio weight 5 for DeiT-B",),
+    ),
     "evit": Recipe(
-        "evit", lr=2e-5, batch_ref=512, min_lr=2e-6, warmup_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
-        sched_on_epochs=True, train_mode="eval", model_ema=True, model_ema_decay=0.99996,
-        notes=("EViT release: keep rate constant from the first step; tokens really removed",)),
+        "evit",
+        lr=2e-5,
+        batch_ref=512,
+        min_lr=2e-6,
+        warmup_lr=2e-6,
+        warmup_epochs=0,
+        weight_decay=1e-6,
+        sched_on_epochs=True,
+        train_mode="eval",
+        model_ema=True,
+        model_ema_decay=0.99996,
+        notes=("EViT release: keep rate constant from the first step; tokens really removed",),
+    ),
     "deit": Recipe(
-        "deit", lr=5e-4, batch_ref=512, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=5, epochs=300, drop_path=0.1,
-        notes=("DeiT from scratch (no repeated augmentation here)",)),
+        "deit",
+        lr=5e-4,
+        batch_ref=512,
+        min_lr=1e-5,
+        warmup_lr=1e-6,
+        warmup_epochs=5,
+        epochs=300,
+        drop_path=0.1,
+        notes=("DeiT from scratch (no repeated augmentation here)",),
+    ),
 }
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "notes"))

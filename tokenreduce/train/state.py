@@ -29,8 +29,12 @@ def rng_state() -> dict[str, Any]:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached": float(cached)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -52,8 +56,9 @@ def _is_reduced(model: nn.Module) -> bool:
     return hasattr(model, "reduction")
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, *, extra: dict[str, Any],
-                    model_kwargs: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path, model: nn.Module, *, extra: dict[str, Any], model_kwargs: dict[str, Any] | None = None
+) -> Path:
     """Write to a temporary file, then rename: a crash mid-write leaves the previous checkpoint."""
     from ..checkpoint import save
 
@@ -64,8 +69,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, extra: dict[str, Any]
         save(model, tmp, extra=extra, model_kwargs=model_kwargs)
     else:
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        torch.save({"dense": {"format": DENSE_FORMAT, "model": {"name": name, "kwargs": dict(model_kwargs or {})}},
-                    "state_dict": model.state_dict(), "extra": extra}, tmp)
+        torch.save(
+            {
+                "dense": {"format": DENSE_FORMAT, "model": {"name": name, "kwargs": dict(model_kwargs or {})}},
+                "state_dict": model.state_dict(),
+                "extra": extra,
+            },
+            tmp,
+        )
     os.replace(tmp, path)
     return path
 
@@ -84,8 +95,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ck
 
 
-def load_finetuned(path: str | Path, model: nn.Module | None = None, *, map_location: str | torch.device = "cpu",
-                   ema: bool = False) -> nn.Module:
+def load_finetuned(
+    path: str | Path, model: nn.Module | None = None, *, map_location: str | torch.device = "cpu", ema: bool = False
+) -> nn.Module:
     """Rebuild a fine-tuned model from its checkpoint, in eval mode on ``map_location``.
 
     Reduced runs go through :func:`tokenreduce.load` (``model``: the dense model to reduce, default

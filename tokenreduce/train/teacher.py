@@ -50,7 +50,8 @@ def _create(variant: str, pretrained: bool, **kwargs) -> VisionTransformer:
     if pretrained:
         raise TokenReduceError(
             f"{variant}: no published weights; train it with `tokenreduce finetune --model {variant} --method none` "
-            f"and load the checkpoint with --initial-checkpoint (or pretrained=False)")
+            f"and load the checkpoint with --initial-checkpoint (or pretrained=False)"
+        )
     return build_model_with_cfg(VisionTransformer, variant, False, **kwargs)
 
 

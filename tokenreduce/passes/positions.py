@@ -1,0 +1,74 @@
+"""Pass: position-indexed tensors (rotary tables, relative position bias, positional attention)
+follow the tokens after a reduction site."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..analysis import ModelMap
+from ..anchors import find
+from ..runtime.positions import follow_positions
+from .infra import graph_pass, require, tag, tags
+
+__all__ = ["gather_positions", "gather_positions_in"]
+
+
+def _table_of(node: fx.Node, where: int | str) -> fx.Node:
+    return node.kwargs[where] if isinstance(where, str) else node.args[where]
+
+
+def _replace(node: fx.Node, where: int | str, new: fx.Node) -> None:
+    if isinstance(where, str):
+        node.update_kwarg(where, new)
+    else:
+        node.update_arg(where, new)
+
+
+def gather_positions_in(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModule:
+    """Index every position-indexed tensor that meets attention after a site by ``state.pos``.
+
+    Expects: the sites are in the graph (their states tagged ``state_of``/``stage``). Guarantees:
+    each table read after the first site of its stage is replaced by
+    ``follow_positions(table, state, ...)`` with the last state of that stage before the reading
+    node; reads before any site are untouched. A token a reducer appends (EViT) takes the mean
+    row/column of a bias and no rotation from a rotary table (``fill``: cos 1, sin 0). Mutates ``gm``.
+    """
+    if not model_map.positions:
+        return gm
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    states = [n for n in graph.nodes if "state_of" in tags(n)]
+    sites = list(gm.reduce_sites)
+    done: dict[tuple, fx.Node] = {}
+    for i, use in enumerate(model_map.positions):
+        node = find(graph, "position", i, user="pass gather_positions")
+        block = model_map.block(use.block)
+        state = None
+        for s in states:
+            if tags(s)["stage"] == block.stage and order[s] < order[node]:
+                state = s
+        if state is None:
+            continue
+        site = sites[tags(state)["state_of"]]
+        appended = bool(site.reducer.extra_tokens)
+        table = _table_of(node, use.where)
+        key = (table, state, use.axes, use.rank, use.with_prefix, use.fill)
+        new = done.get(key)
+        if new is None or order.get(new, -1) > order[node]:
+            with graph.inserting_before(node):
+                new = graph.call_function(
+                    follow_positions,
+                    (table, state, use.axes, use.rank, block.num_prefix, use.with_prefix, appended, use.fill),
+                )
+            tag(new, role="position", block=block.index)
+            done[key] = new
+            order[new] = order[node]
+        _replace(node, use.where, new)
+    return gm
+
+
+@graph_pass
+def gather_positions(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModule:
+    """:func:`gather_positions_in` as a pass of its own (expects :func:`insert_sites`)."""
+    require(gm, "gather_positions", "insert_sites")
+    return gather_positions_in(gm, model_map)
