@@ -257,3 +257,10 @@ def test_passes_check_their_preconditions_and_name_the_passes_before(dense):
     plain = fx.symbolic_trace(dense)
     with pytest.raises(tokenreduce.TokenReduceError, match="expects insert_sites to have run first"):
         route_policy(plain, reduced.reduction.model_map, reduced.reduction.plan)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_is_refused_with_the_alternatives(dense):
+    reduced = tokenreduce.apply(dense, method="etps", locs=[3]).eval()
+    with pytest.raises(tokenreduce.TokenReduceError, match="torch.jit.trace cannot record a reduction site"):
+        torch.jit.trace(reduced, _x(2))

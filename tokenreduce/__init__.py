@@ -38,6 +38,7 @@ _EXPORTS = {
     "TokenReduceError": "errors",
     "register_leaf_module": "capture",
     "register_leaf_function": "capture",
+    "TRACE_LOCK": "capture",
     "Method": "methods",
     "Reducer": "methods",
     "Scorer": "methods",

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..errors import TokenReduceError
 from ..plan import keep_count
 from .state import AttnInputs, TokenState
 
@@ -57,6 +58,11 @@ class ReductionSite(nn.Module):
         scale: float | None = None,
         probs: Tensor | None = None,
     ) -> tuple[Tensor, TokenState]:
+        if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+            raise TokenReduceError(
+                "torch.jit.trace cannot record a reduction site (its token counts are Python ints taken from "
+                "the input's shape); use torch.export.export, torch.compile or tokenreduce.export instead"
+            )
         P = self.num_prefix
         prefix, patches = x[:, :P], x[:, P:]
         B, n, _ = patches.shape
