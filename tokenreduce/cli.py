@@ -26,11 +26,13 @@ import argparse
 import importlib
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 __all__ = [
     "COMMAND_MODULES",
     "add_model_arguments",
+    "add_model_command",
+    "apply_from_args",
     "build_parser",
     "load_from_args",
     "main",
@@ -100,6 +102,15 @@ def add_model_arguments(p: argparse.ArgumentParser, *, method: bool = True, meth
     p.add_argument("--keep-ratio", default="0.7", help=keep_help)
 
 
+def add_model_command(sub, name: str, func: Callable, help: str, **model_options) -> argparse.ArgumentParser:
+    """The subcommand ``name`` of a MODEL, run by ``func`` and described in ``--help`` by its docstring:
+    a parser of ``sub`` with :func:`add_model_arguments` (``model_options``: ``method``, ``method_list``)."""
+    p = sub.add_parser(name, help=help, description=func.__doc__)
+    add_model_arguments(p, **model_options)
+    p.set_defaults(func=func)
+    return p
+
+
 def load_from_args(args: argparse.Namespace):
     """``tokenreduce.bench.models.Loaded`` for the MODEL / --pretrained / --checkpoint / --img-size of ``args``."""
     from .bench.models import load_model
@@ -107,26 +118,33 @@ def load_from_args(args: argparse.Namespace):
     return load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, img_size=args.img_size)
 
 
-def _reduced_from_args(args: argparse.Namespace):
-    """(dense, reduced): the checkpoint's reduced model, or ``apply`` with --method/--locs/--keep-ratio."""
+def apply_from_args(args: argparse.Namespace, dense, **options):
+    """``tokenreduce.apply(dense, ...)`` with the --method / --locs / --keep-ratio / --img-size of ``args``
+    and any other ``options`` of ``apply`` (e.g. ``aux=True``); seeded, so learned scorers get the same random
+    head every run."""
     import torch
 
     import tokenreduce
 
     from .bench.models import example_batch
 
-    loaded = load_from_args(args)
-    if loaded.reduced is not None:
-        return loaded.dense, loaded.reduced.eval()
-    torch.manual_seed(0)  # learned scorers: the same random head every run
-    reduced = tokenreduce.apply(
-        loaded.dense,
+    torch.manual_seed(0)
+    return tokenreduce.apply(
+        dense,
         method=args.method,
         locs=parse_locs(args.locs),
         keep_ratio=parse_keep(args.keep_ratio),
         example_input=example_batch(args.img_size),
+        **options,
     )
-    return loaded.dense, reduced.eval()
+
+
+def _reduced_from_args(args: argparse.Namespace):
+    """(dense, reduced): the checkpoint's reduced model, or ``apply`` with --method/--locs/--keep-ratio."""
+    loaded = load_from_args(args)
+    if loaded.reduced is not None:
+        return loaded.dense, loaded.reduced.eval()
+    return loaded.dense, apply_from_args(args, loaded.dense).eval()
 
 
 def _json(obj) -> None:
@@ -350,18 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     demo.set_defaults(func=cmd_demo)
 
-    insp = sub.add_parser("inspect", help="print the model map: blocks, attention, prefix tokens, sites")
-    add_model_arguments(insp, method=False)
+    insp = add_model_command(
+        sub, "inspect", cmd_inspect, "print the model map: blocks, attention, prefix tokens, sites", method=False
+    )
     insp.add_argument("--json", action="store_true", help="print the model map as JSON")
-    insp.set_defaults(func=cmd_inspect)
 
-    summ = sub.add_parser("summary", help="reduce a model and print tokens per block, GFLOPs and params")
-    add_model_arguments(summ)
+    summ = add_model_command(
+        sub, "summary", cmd_summary, "reduce a model and print tokens per block, GFLOPs and params"
+    )
     summ.add_argument("--json", action="store_true", help="print the summary as JSON")
-    summ.set_defaults(func=cmd_summary)
 
-    exp = sub.add_parser("export", help="reduce a model and export it (ONNX or a torch.export program)")
-    add_model_arguments(exp)
+    exp = add_model_command(sub, "export", cmd_export, "reduce a model and export it (ONNX or a torch.export program)")
     exp.add_argument("--format", choices=("onnx", "pt2"), required=True, help="onnx or pt2 (torch.export)")
     exp.add_argument("--out", required=True, metavar="FILE", help="the file to write")
     exp.add_argument(
@@ -373,7 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="ONNX exporter (default dynamo)"
     )
-    exp.set_defaults(func=cmd_export)
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parsers(sub)

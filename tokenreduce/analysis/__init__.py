@@ -6,12 +6,15 @@ The description is plain data; the nodes a rewrite needs are marked in the graph
 
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import TypeVar
+
 import networkx as nx
 import torch.fx as fx
 
 from ..anchors import mark
 from ..errors import TokenReduceError
-from ._found import FoundAttention, FoundBlock
+from ._found import FoundBlock
 from .attention import find_attention
 from .blocks import find_blocks
 from .constructs import opaque_attention
@@ -21,6 +24,8 @@ from .positions import find_positions
 from .spatial import find_spatial
 
 __all__ = ["analyze", "Attention", "Block", "ModelMap", "Position", "ToGrid", "FromGrid"]
+
+R = TypeVar("R")
 
 
 def _final_tokens(last_exit: fx.Node) -> fx.Node:
@@ -42,16 +47,10 @@ def _positions(gm: fx.GraphModule, found: list[FoundBlock]) -> list:
     return find_positions(gm.graph, g, image, found)
 
 
-def _attention(att: FoundAttention) -> Attention:
-    return Attention(
-        kind=att.kind,
-        node=att.node.name,
-        scale=att.scale,
-        num_heads=att.num_heads,
-        head_dim=att.head_dim,
-        num_queries=att.num_queries,
-        num_keys=att.num_keys,
-    )
+def _record(cls: type[R], found: object, **given: object) -> R:
+    """The plain ``cls`` record (:mod:`.model_map`) of ``found``: each field copied from the
+    attribute of that name, except those ``given``."""
+    return cls(**{f.name: getattr(found, f.name) for f in fields(cls) if f.name not in given}, **given)
 
 
 def _mark_block(b: FoundBlock) -> Block:
@@ -66,16 +65,7 @@ def _mark_block(b: FoundBlock) -> Block:
         mark(node, role, b.index)
     if b.attn.v is not None:
         mark(b.attn.v, "v", b.index)
-    return Block(
-        index=b.index,
-        path=b.path,
-        stage=b.stage,
-        attn=_attention(b.attn),
-        num_prefix=b.num_prefix,
-        has_class_token=b.has_class_token,
-        num_tokens=b.num_tokens,
-        dim=b.dim,
-    )
+    return _record(Block, b, attn=b.attn.record)
 
 
 def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str) -> ModelMap:
@@ -108,18 +98,7 @@ def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str)
     positions = []
     for i, p in enumerate(_positions(gm, found)):
         mark(p.node, "position", i)
-        positions.append(
-            Position(
-                block=p.block,
-                node=p.node.name,
-                where=p.where,
-                axes=p.axes,
-                rank=p.rank,
-                with_prefix=p.with_prefix,
-                additive=p.additive,
-                fill=p.fill,
-            )
-        )
+        positions.append(_record(Position, p, node=p.node.name))
     tokens = _final_tokens(found[-1].exit)
     final = shape_of(tokens)
     final_tokens = None

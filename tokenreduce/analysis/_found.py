@@ -8,27 +8,21 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from .model_map import Attention
+
 __all__ = ["FoundAttention", "FoundBlock", "FoundToGrid", "FoundFromGrid"]
 
 
 @dataclass(frozen=True)
 class FoundAttention:
-    """One self-attention: ``node`` is the sdpa call or the softmax; q, k (B, H, N, d) nodes."""
+    """One self-attention: ``record`` the plain description (its ``node`` named), ``node`` the sdpa
+    call or the softmax itself; q, k (B, H, N, d) nodes and v (None when no ``probs @ v`` was seen)."""
 
-    kind: str
+    record: Attention
     node: fx.Node
     q: fx.Node
     k: fx.Node
     v: fx.Node | None
-    scale: float | None
-    num_heads: int
-    head_dim: int
-    num_queries: int
-    num_keys: int
-
-    @property
-    def full_keys(self) -> bool:
-        return self.num_queries == self.num_keys
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ._found import FoundAttention as Attention
 from .graph import data_args, shape_of
+from .model_map import Attention as Record
 
 __all__ = ["find_attention"]
 
@@ -84,31 +85,22 @@ def _untranspose(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _heads(q: fx.Node) -> tuple[int, int, int]:
-    """(heads, queries, head_dim) of a (B, H, N, d) or (B, N, d) query node."""
+def _found(kind: str, node: fx.Node, q: fx.Node, k: fx.Node, v: fx.Node | None, scale: float | None) -> Attention:
+    """The attention computed at ``node`` (the sdpa call or the softmax) from the (B, H, N, d) or
+    (B, N, d) query and key nodes ``q``, ``k`` (and ``v`` when known), with logit ``scale``."""
     shape = shape_of(q)
-    if len(shape) == 4:
-        return shape[1], shape[2], shape[3]
-    return 1, shape[-2], shape[-1]
+    heads, nq, d = (shape[1], shape[2], shape[3]) if len(shape) == 4 else (1, shape[-2], shape[-1])
+    record = Record(
+        kind=kind, node=node.name, scale=scale, num_heads=heads, head_dim=d, num_queries=nq, num_keys=shape_of(k)[-2]
+    )
+    return Attention(record=record, node=node, q=q, k=k, v=v)
 
 
 def _sdpa(node: fx.Node) -> Attention | None:
     q, k, v = _arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")
     if not all(isinstance(t, fx.Node) and shape_of(t) for t in (q, k, v)):
         return None
-    heads, nq, d = _heads(q)
-    return Attention(
-        kind="sdpa",
-        node=node,
-        q=q,
-        k=k,
-        v=v,
-        scale=node.kwargs.get("scale"),
-        num_heads=heads,
-        head_dim=d,
-        num_queries=nq,
-        num_keys=shape_of(k)[-2],
-    )
+    return _found("sdpa", node, q, k, v, node.kwargs.get("scale"))
 
 
 def _is_number(a: object) -> bool:
@@ -195,19 +187,7 @@ def _explicit(softmax: fx.Node) -> Attention | None:
             cur = next(iter(cur.users), None)
         if cur is not None and _is_matmul(cur):
             v = cur.args[1]
-    heads, nq, d = _heads(q)
-    return Attention(
-        kind="softmax",
-        node=softmax,
-        q=q,
-        k=k,
-        v=v,
-        scale=scale,
-        num_heads=heads,
-        head_dim=d,
-        num_queries=nq,
-        num_keys=shape_of(k)[-2],
-    )
+    return _found("softmax", softmax, q, k, v, scale)
 
 
 def find_attention(graph: fx.Graph) -> list[Attention]:

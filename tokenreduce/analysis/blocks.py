@@ -135,7 +135,7 @@ def find_blocks(gm: fx.GraphModule, attentions: list[FoundAttention]) -> tuple[l
             if shape is not None and len(shape) == 4:
                 kinds.setdefault(GRID, where)
             continue
-        if att.head_dim == shape[1] and att.num_queries != shape[1]:  # XCiT's XCA: (B, H, d, d) logits
+        if att.record.head_dim == shape[1] and att.record.num_queries != shape[1]:  # XCiT's XCA: (B, H, d, d) logits
             kinds.setdefault(CHANNEL, where)
             notes.append(f"attention at '{where}' is {CHANNEL}: skipped")
             continue

@@ -39,7 +39,8 @@ def construct(att: FoundAttention, batch: int | None) -> str | None:
         return WINDOWED + f" ({q[2]} mask unit(s) of {q[3]} tokens per image)"
     if batch is not None and len(q) == 4 and q[0] != batch:
         return WINDOWED + f" ({q[0] // batch} windows of {q[2]} tokens per image)" if q[0] % batch == 0 else WINDOWED
-    if att.num_queries < att.num_keys and att.num_queries <= 2 and att.num_keys > 4 * att.num_queries:
+    nq, nk = att.record.num_queries, att.record.num_keys
+    if nq < nk and nq <= 2 and nk > 4 * nq:
         # CaiT, XCiT: the class token's query (pooled queries, as in MViT, are many)
         return CLASS
     return None

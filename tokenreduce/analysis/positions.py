@@ -125,24 +125,22 @@ def find_positions(
     found: list[FoundPosition] = []
     for b in blocks:
         P, N = b.num_prefix, b.num_tokens
-        lengths = {N, N - P}
+        lengths, heads = {N, N - P}, b.attn.record.num_heads
         after_entry = nx.descendants(g, b.entry)
         qk = (nx.ancestors(g, b.attn.q) | nx.ancestors(g, b.attn.k) | {b.attn.q, b.attn.k}) & after_entry
         out = b.attn.node
-        if b.attn.kind == "softmax" and b.attn.v is not None:  # probs @ v: the matmul reading v
+        if b.attn.record.kind == "softmax" and b.attn.v is not None:  # probs @ v: the matmul reading v
             out = next((u for u in b.attn.v.users if u in nx.descendants(g, b.attn.node)), b.attn.node)
         logit = nx.descendants(g, b.attn.q) & nx.descendants(g, b.attn.k) & (nx.ancestors(g, out) | {out})
         for node in sorted(qk | logit, key=order.__getitem__):
-            if node is b.attn.node and b.attn.kind == "sdpa":
+            if node is b.attn.node and b.attn.record.kind == "sdpa":
                 mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
                 if is_tensor(mask) and mask not in image:
                     where = "attn_mask" if "attn_mask" in node.kwargs else 3
                     q_shape = shape_of(node.args[0])
                     rank = len(q_shape)
                     shape = q_shape[:-1] + (shape_of(node.args[1])[-2],)
-                    use = _use(
-                        b, node, where, shape_of(mask), shape, True, b.attn.num_heads, lengths, P, rank, additive=True
-                    )
+                    use = _use(b, node, where, shape_of(mask), shape, True, heads, lengths, P, rank, additive=True)
                     if use is not None:
                         found.append(use)
                 continue
@@ -161,7 +159,7 @@ def find_positions(
                     shape_of(table),
                     shape_of(other),
                     node in logit,
-                    b.attn.num_heads,
+                    heads,
                     lengths,
                     P,
                     len(shape_of(other)),

@@ -32,44 +32,24 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 
-from ._common import ClassTokenHead, Mlp, QuickGELU, init_linear, stage_drop_path_rates
+from ._common import (
+    AttentionBase,
+    ClassTokenHead,
+    ConvEmbed,
+    PreNormBlock,
+    QuickGELU,
+    TokenStage,
+    build,
+    init_linear,
+    stage_drop_path_rates,
+)
 from ._common import default_cfg as _cfg
 from .checkpoint import checkpoint_filter_fn
 
 __all__ = ["ConvolutionalVisionTransformer"]
-
-
-class ConvEmbed(nn.Module):
-    """Overlapping conv token embedding followed by LayerNorm.
-
-    ``(B, C_in, H_in, W_in) -> ((B, H*W, C), H, W)``.
-    """
-
-    def __init__(
-        self,
-        in_chans: int,
-        embed_dim: int,
-        patch_size: int,
-        stride: int,
-        padding: int,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=padding, **dd)
-        self.norm = norm_layer(embed_dim, **dd)
-
-    def forward(self, x: torch.Tensor):
-        x = self.proj(x)  # (B, C, H, W)
-        H, W = x.shape[2], x.shape[3]
-        x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
-        return self.norm(x), H, W
 
 
 class ConvProjection(nn.Module):
@@ -90,15 +70,13 @@ class ConvProjection(nn.Module):
         return self.bn(self.conv(x)).flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'*W', C)
 
 
-class ConvAttention(nn.Module):
+class ConvAttention(AttentionBase):
     """Multi-head attention with convolutional q/k/v projections.
 
     Input ``(B, P + H*W, C)`` with ``P = num_prefix_tokens`` leading tokens (class token) that
     skip the convs; q keeps all ``P + H*W`` tokens, k and v have ``P + ceil(H/s) * ceil(W/s)``.
     Output ``(B, P + H*W, C)``.
     """
-
-    fused_attn: torch.jit.Final[bool]
 
     def __init__(
         self,
@@ -114,25 +92,16 @@ class ConvAttention(nn.Module):
         device=None,
         dtype=None,
     ):
-        super().__init__()
+        super().__init__(dim, num_heads, scale=dim**-0.5)  # the released models' full-width scale, see above
         dd = {"device": device, "dtype": dtype}
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
         self.num_prefix_tokens = num_prefix_tokens
-        self.scale = dim**-0.5  # the released models scale by the full width, see module docstring
-        self.fused_attn = use_fused_attn()
-
         self.conv_proj_q = ConvProjection(dim, kernel_size, stride_q, **dd)
         self.conv_proj_k = ConvProjection(dim, kernel_size, stride_kv, **dd)
         self.conv_proj_v = ConvProjection(dim, kernel_size, stride_kv, **dd)
         self.proj_q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self._output_layers(dim, attn_drop, proj_drop, dd)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
@@ -154,56 +123,11 @@ class ConvAttention(nn.Module):
         q = self._heads(self.proj_q(q))
         k = self._heads(self.proj_k(k))
         v = self._heads(self.proj_v(v))
-
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
-            )
-        else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, Nq, Nkv)
-            attn = attn.softmax(dim=-1)
-            attn = self.attn_drop(attn)
-            x = attn @ v  # (B, h, Nq, d)
-        x = x.transpose(1, 2).reshape(B, -1, C)  # (B, Nq, C)
+        x = self.attend(q, k, v).transpose(1, 2).reshape(B, -1, C)  # (B, h, Nq, d) -> (B, Nq, C)
         return self.proj_drop(self.proj(x))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with convolutional attention; (B, N, C) -> (B, N, C)."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        num_prefix_tokens: int = 0,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        act_layer: Callable[..., nn.Module] = QuickGELU,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.norm1 = norm_layer(dim, **dd)
-        self.attn = ConvAttention(
-            dim, num_heads, num_prefix_tokens, qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd
-        )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), H, W))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
-
-
-class CvtStage(nn.Module):
+class CvtStage(TokenStage):
     """Conv token embedding, optional class token, blocks.
 
     ``(B, C_in, H_in, W_in) -> ((B, P + H*W, C), H, W)`` where ``P = num_prefix_tokens``.
@@ -237,31 +161,20 @@ class CvtStage(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim, **dd)) if class_token else None
         self.pos_drop = nn.Dropout(pos_drop)
         drop_path = list(drop_path) or [0.0] * depth
+        drops = dict(attn_drop=attn_drop, proj_drop=proj_drop)
         self.blocks = nn.ModuleList(
-            Block(
+            PreNormBlock(
                 dim,
-                num_heads,
-                self.num_prefix_tokens,
+                ConvAttention(dim, num_heads, self.num_prefix_tokens, qkv_bias, **drops, **dd),
                 mlp_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=proj_drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path[i],
-                act_layer=act_layer,
-                norm_layer=norm_layer,
+                proj_drop,
+                drop_path[i],
+                act_layer,
+                norm_layer,
                 **dd,
             )
             for i in range(depth)
         )
-
-    def forward(self, x: torch.Tensor):
-        x, H, W = self.patch_embed(x)  # (B, H*W, C)
-        if self.cls_token is not None:
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + H*W, C)
-        x = self.pos_drop(x)
-        for blk in self.blocks:
-            x = blk(x, H, W)
-        return x, H, W
 
 
 class ConvolutionalVisionTransformer(ClassTokenHead, nn.Module):
@@ -296,8 +209,7 @@ class ConvolutionalVisionTransformer(ClassTokenHead, nn.Module):
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if global_pool not in ("token", ""):
-            raise ValueError(f"global_pool must be 'token' or '' (got {global_pool!r})")
+        self._init_classifier(num_classes, global_pool, embed_dims[-1])
         num_stages = len(depths)
         per_stage = (embed_dims, num_heads, patch_sizes, patch_strides, patch_paddings)
         if any(len(s) != num_stages for s in per_stage):
@@ -306,40 +218,28 @@ class ConvolutionalVisionTransformer(ClassTokenHead, nn.Module):
             )
         act_layer = act_layer or QuickGELU
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-5)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_prefix_tokens = 1
-        self.num_features = self.head_hidden_size = embed_dims[-1]
 
         dpr = stage_drop_path_rates(drop_path_rate, list(depths))
-        stages, in_dim = [], in_chans
-        for i in range(num_stages):
-            stages.append(
-                CvtStage(
-                    in_dim,
-                    embed_dims[i],
-                    depths[i],
-                    num_heads[i],
-                    patch_sizes[i],
-                    patch_strides[i],
-                    patch_paddings[i],
-                    class_token=i == num_stages - 1,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    pos_drop=pos_drop_rate,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[i],
-                    act_layer=act_layer,
-                    norm_layer=norm_layer,
-                    **dd,
-                )
+        rates = dict(pos_drop=pos_drop_rate, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
+        layers = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, act_layer=act_layer, norm_layer=norm_layer, **dd)
+        in_dims = (in_chans, *embed_dims[:-1])
+        self.stages = nn.ModuleList(
+            CvtStage(
+                in_dims[i],
+                embed_dims[i],
+                depths[i],
+                num_heads[i],
+                patch_sizes[i],
+                patch_strides[i],
+                patch_paddings[i],
+                class_token=i == num_stages - 1,
+                drop_path=dpr[i],
+                **rates,
+                **layers,
             )
-            in_dim = embed_dims[i]
-        self.stages = nn.ModuleList(stages)
-        self.norm = norm_layer(embed_dims[-1], **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
+            for i in range(num_stages)
+        )
+        self._init_head(norm_layer(embed_dims[-1], **dd), drop_rate, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -364,14 +264,10 @@ class ConvolutionalVisionTransformer(ClassTokenHead, nn.Module):
         return self.norm(x)
 
 
-def _create_cvt(variant: str, pretrained: bool = False, **kwargs) -> ConvolutionalVisionTransformer:
-    return build_model_with_cfg(
-        ConvolutionalVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
-    )
+def _create_cvt(variant: str, pretrained: bool, depths, locs, **kwargs) -> ConvolutionalVisionTransformer:
+    """A CvT of ``depths``; token reduction at blocks ``locs`` of stage 3 (``kwargs`` override)."""
+    sites, args = [f"stages.2.blocks.{i}" for i in locs], {"depths": depths, **kwargs}
+    return build(ConvolutionalVisionTransformer, variant, pretrained, checkpoint_filter_fn, sites, **args)
 
 
 # No hosted weights: the authors' ImageNet-1k checkpoints (github.com/microsoft/CvT) are not on
@@ -388,17 +284,11 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def cvt_13(pretrained: bool = False, **kwargs) -> ConvolutionalVisionTransformer:
     """CvT-13: depths (1, 2, 10); 20 M params, 4.5 GMACs at 224 px."""
-    model_args = dict(depths=(1, 2, 10))
-    model = _create_cvt("cvt_13", pretrained, **dict(model_args, **kwargs))
     # TPS supplement: token reduction inside stage 3 only, at its blocks 3, 6 and 9
-    model.default_reduction_locs = tuple(f"stages.2.blocks.{i}" for i in (3, 6, 9))
-    return model
+    return _create_cvt("cvt_13", pretrained, (1, 2, 10), (3, 6, 9), **kwargs)
 
 
 @register_model
 def cvt_21(pretrained: bool = False, **kwargs) -> ConvolutionalVisionTransformer:
     """CvT-21: depths (1, 4, 16); 32 M params, 7.1 GMACs at 224 px."""
-    model_args = dict(depths=(1, 4, 16))
-    model = _create_cvt("cvt_21", pretrained, **dict(model_args, **kwargs))
-    model.default_reduction_locs = tuple(f"stages.2.blocks.{i}" for i in (5, 9, 13))
-    return model
+    return _create_cvt("cvt_21", pretrained, (1, 4, 16), (5, 9, 13), **kwargs)

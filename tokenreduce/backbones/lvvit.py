@@ -33,10 +33,10 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 
-from ._common import Mlp, init_linear
+from ._common import Attention, ClassTokenHead, PreNormBlock, build, init_linear
 from ._common import default_cfg as _cfg
 from .checkpoint import _resample_pos_embeds, _unwrap
 
@@ -81,86 +81,20 @@ class ConvStem(nn.Module):
         return self.proj(x)  # (B, dim, H/16, W/16)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention, (B, N, C) -> (B, N, C); ``head_dim`` may differ from C / heads."""
-
-    fused_attn: torch.jit.Final[bool]
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        head_dim: int | None = None,
-        qkv_bias: bool = False,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        if head_dim is None and dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}), or pass head_dim")
-        self.num_heads = num_heads
-        self.head_dim = head_dim or dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.fused_attn = use_fused_attn()
-        inner = self.num_heads * self.head_dim
-        self.qkv = nn.Linear(dim, inner * 3, bias=qkv_bias, **dd)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(inner, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, h, N, d)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
-            )
-        else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, N, N)
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v  # (B, h, N, d)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        return self.proj_drop(self.proj(x))
-
-
-class Block(nn.Module):
+class Block(PreNormBlock):
     """Pre-norm block whose residual branches are divided by ``skip_lam``; (B, N, C) -> (B, N, C)."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float,
-        skip_lam: float = 1.0,
-        head_dim: int | None = None,
-        qkv_bias: bool = False,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, skip_lam: float = 1.0, **kwargs):
+        super().__init__(dim, attn, mlp_ratio, **kwargs)
         self.skip_lam = skip_lam
-        self.norm1 = norm_layer(dim, **dd)
-        self.attn = Attention(dim, num_heads, head_dim, qkv_bias, attn_drop, proj_drop, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x))) / self.skip_lam
-        x = x + self.drop_path(self.mlp(self.norm2(x))) / self.skip_lam
+        x = x + self.drop_path1(self.attn(self.norm1(x))) / self.skip_lam
+        x = x + self.drop_path2(self.mlp(self.norm2(x))) / self.skip_lam
         return x
 
 
-class LVViT(nn.Module):
+class LVViT(ClassTokenHead, nn.Module):
     """LV-ViT classifier: conv stem, class token, learned position embedding, ``skip_lam`` blocks,
     final LayerNorm, class head plus the token labeling head.
 
@@ -196,13 +130,9 @@ class LVViT(nn.Module):
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if global_pool not in ("token", ""):
-            raise ValueError(f"global_pool must be 'token' or '' (got {global_pool!r})")
+        self._init_classifier(num_classes, global_pool, embed_dim)
         norm_layer = norm_layer or nn.LayerNorm  # eps 1e-5, as the released models
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_prefix_tokens = 1
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.embed_dim = embed_dim
         self.dynamic_img_size = dynamic_img_size
         self.grid_size = (img_size // patch_size, img_size // patch_size)
 
@@ -214,25 +144,18 @@ class LVViT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
-                num_heads,
+                Attention(embed_dim, num_heads, head_dim, None, qkv_bias, attn_drop_rate, proj_drop_rate, **dd),
                 mlp_ratio,
                 skip_lam,
-                head_dim,
-                qkv_bias,
-                proj_drop_rate,
-                attn_drop_rate,
-                dpr[i],
-                norm_layer,
+                proj_drop=proj_drop_rate,
+                drop_path=dpr[i],
+                norm_layer=norm_layer,
                 **dd,
             )
             for i in range(depth)
         )
-        self.norm = norm_layer(embed_dim, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.aux_head = None  # the token labeling head
-        if aux_head:
-            self.aux_head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_head(norm_layer(embed_dim, **dd), drop_rate, **dd)
+        self.aux_head = self._classifier(num_classes, **dd) if aux_head else None  # the token labeling head
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -251,26 +174,12 @@ class LVViT(nn.Module):
             blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         )
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New class and token labeling heads (both ``Identity`` for ``num_classes == 0``)."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("token", ""):
-                raise ValueError(f"global_pool must be 'token' or '' (got {global_pool!r})")
-            self.global_pool = global_pool
-        ref = self.norm.weight
-
-        def linear():
-            if num_classes <= 0:
-                return nn.Identity()
-            return nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
-
-        self.head = linear()
+        super().reset_classifier(num_classes, global_pool)
         if self.aux_head is not None:
-            self.aux_head = linear()
+            ref = self.norm.weight
+            self.aux_head = self._classifier(num_classes, ref.device, ref.dtype)
 
     def _pos_embed(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """Add the position embedding to ``x`` (B, 1 + H*W, C); its grid part is bilinearly
@@ -317,9 +226,6 @@ class LVViT(nn.Module):
         x = self.forward_features(x)
         return self.head(self.head_drop(x[:, 0])), self.aux_head(x[:, 1:])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def checkpoint_filter_fn(state_dict, model: nn.Module) -> dict:
     """Map an official LV-ViT checkpoint (github.com/zihangJiang/TokenLabeling) onto ``model``.
@@ -333,9 +239,7 @@ def checkpoint_filter_fn(state_dict, model: nn.Module) -> dict:
 
 
 def _create(variant: str, pretrained: bool, locs: tuple[int, ...], **kwargs) -> LVViT:
-    model = build_model_with_cfg(LVViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-    model.default_reduction_locs = tuple(f"blocks.{i}" for i in locs)
-    return model
+    return build(LVViT, variant, pretrained, checkpoint_filter_fn, [f"blocks.{i}" for i in locs], **kwargs)
 
 
 # The official weights are GitHub release files, not on the HF hub: load one with

@@ -40,11 +40,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 
 from ..capture import register_leaf_module
-from ._common import ClassTokenHead, Mlp, init_linear
+from ._common import Attention, ClassTokenHead, PreNormBlock, build, init_linear
 from ._common import default_cfg as _cfg
 from .checkpoint import _unwrap
 
@@ -119,79 +119,6 @@ def conv_stem(in_chans: int, mid_dim: int, dim: int, device=None, dtype=None) ->
     )
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a given scale, (B, N, C) -> (B, N, C)."""
-
-    fused_attn: torch.jit.Final[bool]
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        scale: float,
-        qkv_bias: bool = False,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = scale
-        self.fused_attn = use_fused_attn()
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, h, N, d)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
-            )
-        else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, N, N)
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v  # (B, h, N, d)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block, (B, N, C) -> (B, N, C) (the official ``TransformerEncoderLayer``)."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float,
-        scale: float,
-        qkv_bias: bool = False,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.norm1 = nn.LayerNorm(dim, **dd)
-        self.attn = Attention(dim, num_heads, scale, qkv_bias, attn_drop, proj_drop, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
-
-
 @register_leaf_module
 class SamplingLayer(nn.Module):
     """One progressive sampling iteration (see the module docstring).
@@ -207,7 +134,7 @@ class SamplingLayer(nn.Module):
 
     def __init__(
         self,
-        block: Block,
+        block: PreNormBlock,
         position_layer: nn.Linear,
         dim: int,
         pred_offset: bool,
@@ -271,14 +198,10 @@ class PSViT(ClassTokenHead, nn.Module):
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if global_pool not in ("token", ""):
-            raise ValueError(f"global_pool must be 'token' or '' (got {global_pool!r})")
+        self._init_classifier(num_classes, global_pool, embed_dim)
         if not 1 <= num_iters < depth:
             raise ValueError(f"num_iters must be in [1, depth) = [1, {depth}) (got {num_iters})")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_prefix_tokens = 1
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.embed_dim = embed_dim
         self.points = tuple(points)
         scale = qk_scale if qk_scale is not None else embed_dim**-0.5  # the released models' scale
 
@@ -286,8 +209,9 @@ class PSViT(ClassTokenHead, nn.Module):
         self.pos_layer = nn.Linear(2, embed_dim, **dd)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
 
-        def block(i):
-            return Block(embed_dim, num_heads, mlp_ratio, scale, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], **dd)
+        def block(i):  # the official TransformerEncoderLayer
+            attn = Attention(embed_dim, num_heads, None, scale, qkv_bias, attn_drop_rate, proj_drop_rate, **dd)
+            return PreNormBlock(embed_dim, attn, mlp_ratio, proj_drop_rate, dpr[i], **dd)
 
         self.ps_layers = nn.ModuleList(
             SamplingLayer(block(i), self.pos_layer, embed_dim, i < num_iters - 1, offset_gamma, offset_bias, **dd)
@@ -295,9 +219,7 @@ class PSViT(ClassTokenHead, nn.Module):
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
         self.blocks = nn.ModuleList(block(i) for i in range(num_iters, depth))
-        self.norm = nn.LayerNorm(embed_dim, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_head(nn.LayerNorm(embed_dim, **dd), drop_rate, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -349,9 +271,7 @@ def checkpoint_filter_fn(state_dict, model: nn.Module) -> dict:
 
 
 def _create(variant: str, pretrained: bool, locs: tuple[int, ...], **kwargs) -> PSViT:
-    model = build_model_with_cfg(PSViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
-    model.default_reduction_locs = tuple(f"blocks.{i}" for i in locs)
-    return model
+    return build(PSViT, variant, pretrained, checkpoint_filter_fn, [f"blocks.{i}" for i in locs], **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

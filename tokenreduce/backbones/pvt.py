@@ -26,36 +26,26 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 
-from ._common import ClassTokenHead, Mlp, init_linear, stage_drop_path_rates
+from ._common import (
+    AttentionBase,
+    ClassTokenHead,
+    ConvEmbed,
+    PreNormBlock,
+    TokenStage,
+    build,
+    init_linear,
+    stage_drop_path_rates,
+)
 from ._common import default_cfg as _cfg
 from .checkpoint import checkpoint_filter_fn
 
 __all__ = ["PyramidVisionTransformer"]
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping conv patch embedding followed by LayerNorm.
-
-    ``(B, C_in, H_in, W_in) -> ((B, H*W, C), H, W)`` with ``H = H_in // patch_size``.
-    """
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, device=None, dtype=None):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, **dd)
-        self.norm = nn.LayerNorm(embed_dim, **dd)  # default eps, as in the released models
-
-    def forward(self, x: torch.Tensor):
-        x = self.proj(x)  # (B, C, H, W)
-        H, W = x.shape[2], x.shape[3]
-        x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
-        return self.norm(x), H, W
-
-
-class SpatialReductionAttention(nn.Module):
+class SpatialReductionAttention(AttentionBase):
     """Multi-head attention whose keys/values come from a spatially reduced grid (SRA).
 
     ``q = Linear(x)``; if ``sr_ratio > 1`` the tokens are laid out on their ``(H, W)`` grid,
@@ -63,8 +53,6 @@ class SpatialReductionAttention(nn.Module):
     ``kv = Linear(.)``. Input and output ``(B, N, C)``; with ``sr_ratio > 1`` the input must hold
     exactly the ``H*W`` grid tokens (no prefix tokens).
     """
-
-    fused_attn: torch.jit.Final[bool]
 
     def __init__(
         self,
@@ -77,20 +65,11 @@ class SpatialReductionAttention(nn.Module):
         device=None,
         dtype=None,
     ):
-        super().__init__()
+        super().__init__(dim, num_heads)
         dd = {"device": device, "dtype": dtype}
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.fused_attn = use_fused_attn()
-
         self.q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self._output_layers(dim, attn_drop, proj_drop, dd)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, **dd)
             self.norm = nn.LayerNorm(dim, **dd)
@@ -108,55 +87,11 @@ class SpatialReductionAttention(nn.Module):
             x = self.norm(x)
         kv = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # each (B, h, M, d)
-
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
-            )
-        else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, N, M)
-            attn = attn.softmax(dim=-1)
-            attn = self.attn_drop(attn)
-            x = attn @ v  # (B, h, N, d)
-        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.attend(q, k, v).transpose(1, 2).reshape(B, N, C)  # (B, h, N, d) -> (B, N, C)
         return self.proj_drop(self.proj(x))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with spatial-reduction attention; (B, N, C) -> (B, N, C)."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_ratio: float,
-        sr_ratio: int,
-        qkv_bias: bool = True,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        self.norm1 = norm_layer(dim, **dd)
-        self.attn = SpatialReductionAttention(
-            dim, num_heads, sr_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd
-        )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), H, W))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
-
-
-class PvtStage(nn.Module):
+class PvtStage(TokenStage):
     """Patch embed, optional class token, learned absolute position embedding, blocks.
 
     ``(B, C_in, H_in, W_in) -> ((B, P + H*W, C), H, W)`` where ``P = num_prefix_tokens``.
@@ -193,22 +128,20 @@ class PvtStage(nn.Module):
         self.grid_size = tuple(grid_size)
         self.dynamic_img_size = dynamic_img_size
         self.num_prefix_tokens = 1 if class_token else 0
-        self.patch_embed = PatchEmbed(patch_size, in_chans, dim, **dd)
+        self.patch_embed = ConvEmbed(in_chans, dim, patch_size, patch_size, **dd)  # LayerNorm eps as released
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim, **dd)) if class_token else None
         num_pos = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop)
         drop_path = list(drop_path) or [0.0] * depth
+        drops = dict(attn_drop=attn_drop, proj_drop=proj_drop)
         self.blocks = nn.ModuleList(
-            Block(
+            PreNormBlock(
                 dim,
-                num_heads,
+                SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias, **drops, **dd),
                 mlp_ratio,
-                sr_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=proj_drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path[i],
+                proj_drop,
+                drop_path[i],
                 norm_layer=norm_layer,
                 **dd,
             )
@@ -228,15 +161,6 @@ class PvtStage(nn.Module):
         if P:
             pos = torch.cat((self.pos_embed[:, :P], pos), dim=1)
         return x + pos
-
-    def forward(self, x: torch.Tensor):
-        x, H, W = self.patch_embed(x)  # (B, H*W, C)
-        if self.cls_token is not None:
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1 + H*W, C)
-        x = self.pos_drop(self._pos_embed(x, H, W))
-        for blk in self.blocks:
-            x = blk(x, H, W)
-        return x, H, W
 
 
 class PyramidVisionTransformer(ClassTokenHead, nn.Module):
@@ -271,49 +195,26 @@ class PyramidVisionTransformer(ClassTokenHead, nn.Module):
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if global_pool not in ("token", ""):
-            raise ValueError(f"global_pool must be 'token' or '' (got {global_pool!r})")
+        self._init_classifier(num_classes, global_pool, embed_dims[-1])
         num_stages = len(depths)
         if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(sr_ratios) == num_stages):
             raise ValueError("embed_dims, depths, num_heads, mlp_ratios and sr_ratios must have equal length")
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_prefix_tokens = 1
-        self.num_features = self.head_hidden_size = embed_dims[-1]
 
         dpr = stage_drop_path_rates(drop_path_rate, list(depths))
+        rates = dict(pos_drop=pos_drop_rate, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate)
+        layers = dict(dynamic_img_size=dynamic_img_size, qkv_bias=qkv_bias, norm_layer=norm_layer, **dd)
         stages = []
         in_dim, grid = in_chans, img_size
         for i in range(num_stages):
             stage_patch = patch_size if i == 0 else 2
             grid = grid // stage_patch
-            stages.append(
-                PvtStage(
-                    in_dim,
-                    embed_dims[i],
-                    depths[i],
-                    num_heads[i],
-                    mlp_ratios[i],
-                    sr_ratios[i],
-                    stage_patch,
-                    (grid, grid),
-                    class_token=i == num_stages - 1,
-                    dynamic_img_size=dynamic_img_size,
-                    qkv_bias=qkv_bias,
-                    pos_drop=pos_drop_rate,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[i],
-                    norm_layer=norm_layer,
-                    **dd,
-                )
-            )
+            stage_args = (in_dim, embed_dims[i], depths[i], num_heads[i], mlp_ratios[i], sr_ratios[i], stage_patch)
+            last = i == num_stages - 1
+            stages.append(PvtStage(*stage_args, (grid, grid), class_token=last, drop_path=dpr[i], **rates, **layers))
             in_dim = embed_dims[i]
         self.stages = nn.ModuleList(stages)
-        self.norm = norm_layer(embed_dims[-1], **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._init_head(norm_layer(embed_dims[-1], **dd), drop_rate, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -338,14 +239,9 @@ class PyramidVisionTransformer(ClassTokenHead, nn.Module):
         return self.norm(x)
 
 
-def _create_pvt(variant: str, pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    return build_model_with_cfg(
-        PyramidVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
-    )
+def _create_pvt(variant: str, pretrained: bool, depths, **kwargs) -> PyramidVisionTransformer:
+    """A PVT of ``depths`` (``kwargs`` override)."""
+    return build(PyramidVisionTransformer, variant, pretrained, checkpoint_filter_fn, **{"depths": depths, **kwargs})
 
 
 # No hosted weights: the authors' ImageNet-1k checkpoints (github.com/whai362/PVT) are not on the
@@ -364,26 +260,22 @@ default_cfgs = generate_default_cfgs(
 @register_model
 def pvt_tiny(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
     """PVT-Tiny: depths (2, 2, 2, 2); 13.2 M params, 1.9 GMACs at 224 px."""
-    model_args = dict(depths=(2, 2, 2, 2))
-    return _create_pvt("pvt_tiny", pretrained, **dict(model_args, **kwargs))
+    return _create_pvt("pvt_tiny", pretrained, (2, 2, 2, 2), **kwargs)
 
 
 @register_model
 def pvt_small(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
     """PVT-Small: depths (3, 4, 6, 3); 24.5 M params, 3.8 GMACs at 224 px."""
-    model_args = dict(depths=(3, 4, 6, 3))
-    return _create_pvt("pvt_small", pretrained, **dict(model_args, **kwargs))
+    return _create_pvt("pvt_small", pretrained, (3, 4, 6, 3), **kwargs)
 
 
 @register_model
 def pvt_medium(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
     """PVT-Medium: depths (3, 4, 18, 3); 44.2 M params, 6.7 GMACs at 224 px."""
-    model_args = dict(depths=(3, 4, 18, 3))
-    return _create_pvt("pvt_medium", pretrained, **dict(model_args, **kwargs))
+    return _create_pvt("pvt_medium", pretrained, (3, 4, 18, 3), **kwargs)
 
 
 @register_model
 def pvt_large(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
     """PVT-Large: depths (3, 8, 27, 3); 61.4 M params, 9.8 GMACs at 224 px."""
-    model_args = dict(depths=(3, 8, 27, 3))
-    return _create_pvt("pvt_large", pretrained, **dict(model_args, **kwargs))
+    return _create_pvt("pvt_large", pretrained, (3, 8, 27, 3), **kwargs)

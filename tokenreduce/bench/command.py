@@ -25,15 +25,11 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parsers(sub) -> None:
-    from ..cli import add_model_arguments
+    from ..cli import add_model_command
 
-    p = sub.add_parser(
-        "benchmark",
-        help="time dense, the limit and the reduced model side by side",
-        description="Dense model, the limit (the reduced model's plan with free sites) and the "
-        "reduced model, built and timed in one process, in turns; see docs/benchmarks.md.",
+    p = add_model_command(
+        sub, "benchmark", cmd_benchmark, "time dense, the limit and the reduced model side by side", method_list=True
     )
-    add_model_arguments(p, method_list=True)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument(
         "--batch",
@@ -60,7 +56,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-limit", action="store_true", help="leave the limit out")
     p.add_argument("--kernels", action="store_true", help="cuda: also record kernel times (torch.profiler)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
-    p.set_defaults(func=cmd_benchmark)
 
 
 def _say(msg: str) -> None:
@@ -68,6 +63,8 @@ def _say(msg: str) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
+    """Dense model, the limit (the reduced model's plan with free sites) and the reduced model, built and
+    timed in one process, in turns; see docs/benchmarks.md."""
     import json
 
     import torch

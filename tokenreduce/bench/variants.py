@@ -30,16 +30,20 @@ def tokens_after_sites(reduced: nn.Module) -> list[int]:
     return [s.num_prefix + s.n_out for s in reduced.meta["tokenreduce"].plan.sites]
 
 
-def _reduced_row(model_name: str, variant: Variant, reduced: nn.Module) -> Row:
-    info = reduced.meta["tokenreduce"]
+def _variant_row(model_name: str, variant: Variant, **extra) -> Row:
+    """The row of ``variant`` of ``model_name``: its name, kind, method and ratio, and ``extra``."""
     return Row(
-        model=model_name,
-        variant=variant.name,
-        kind=variant.kind,
-        method=variant.method,
-        ratio=variant.ratio,
-        locs=[s.block for s in info.plan.sites],
-        sites=[s.path for s in info.plan.sites],
+        model=model_name, variant=variant.name, kind=variant.kind, method=variant.method, ratio=variant.ratio, **extra
+    )
+
+
+def _reduced_row(model_name: str, variant: Variant, reduced: nn.Module) -> Row:
+    sites = reduced.meta["tokenreduce"].plan.sites
+    return _variant_row(
+        model_name,
+        variant,
+        locs=[s.block for s in sites],
+        sites=[s.path for s in sites],
         tokens=tokens_after_sites(reduced),
     )
 
@@ -95,16 +99,7 @@ def build_variants(
     reduced_rows = []
     for variant, m, error in built:
         if m is None:
-            reduced_rows.append(
-                Row(
-                    model=model_name,
-                    variant=variant.name,
-                    kind="reduced",
-                    method=variant.method,
-                    ratio=variant.ratio,
-                    note=f"unsupported: {error}",
-                )
-            )
+            reduced_rows.append(_variant_row(model_name, variant, note=f"unsupported: {error}"))
             continue
         row = _reduced_row(model_name, variant, m)
         if limits:
@@ -116,14 +111,7 @@ def build_variants(
                     limit_rows[key] = _reduced_row(model_name, lv, limit)
                     modules[lv.name] = limit
                 except tokenreduce.TokenReduceError as err:
-                    limit_rows[key] = Row(
-                        model=model_name,
-                        variant=lv.name,
-                        kind="limit",
-                        method=lv.method,
-                        ratio=lv.ratio,
-                        note=f"n/a: {short_error(err)}",
-                    )
+                    limit_rows[key] = _variant_row(model_name, lv, note=f"n/a: {short_error(err)}")
             if limit_rows[key].note is None:
                 row.limit = limit_rows[key].variant
         modules[variant.name] = m

@@ -49,48 +49,6 @@ def _rows(idx_ptr, stride_ib, stride_in, b, offs, mask, P, HAS_IDX: tl.constexpr
 
 
 @triton.jit
-def _dots_and_norms(
-    r_base,
-    p_base,
-    rows_r,
-    rows_p,
-    mask_r,
-    mask_p,
-    C,
-    stride_rn,
-    stride_pn,
-    PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """One pass over the channels: dot products (BLOCK_P, BLOCK_R) and both sets of squared
-    norms, fp32."""
-    dots = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
-    ssq_p = tl.zeros([BLOCK_P], dtype=tl.float32)
-    ssq_r = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        xp = tl.load(
-            p_base + rows_p[:, None] * stride_pn + offs_c[None, :], mask=mask_p[:, None] & mask_c[None, :], other=0.0
-        )  # (BLOCK_P, BLOCK_C), input dtype
-        xr_t = tl.load(
-            r_base + rows_r[None, :] * stride_rn + offs_c[:, None], mask=mask_c[:, None] & mask_r[None, :], other=0.0
-        )  # (BLOCK_C, BLOCK_R), transposed
-        xp_f = xp.to(tl.float32)
-        xr_f = xr_t.to(tl.float32)
-        if DOT_F32:
-            dots = tl.dot(xp_f, xr_f, dots, input_precision=PRECISION)
-        else:
-            dots = tl.dot(xp, xr_t, dots, input_precision=PRECISION)
-        ssq_p += tl.sum(xp_f * xp_f, axis=1)
-        ssq_r += tl.sum(xr_f * xr_f, axis=0)
-    return dots, ssq_p, ssq_r
-
-
-@triton.jit
 def _squeeze_hosts_kernel(
     r_ptr,
     p_ptr,
@@ -133,22 +91,27 @@ def _squeeze_hosts_kernel(
     mask_r = offs_r < Nr
     rows_r = _rows(ridx_ptr, stride_rib, stride_rin, b, offs_r, mask_r, P, HAS_IDX)
 
-    dots, ssq_p, ssq_r = _dots_and_norms(
-        r_base,
-        p_base,
-        rows_r,
-        rows_p,
-        mask_r,
-        mask_p,
-        C,
-        stride_rn,
-        stride_pn,
-        PRECISION,
-        DOT_F32,
-        BLOCK_P,
-        BLOCK_R,
-        BLOCK_C,
-    )
+    # One pass over the channels: dot products (BLOCK_P, BLOCK_R) and both sets of squared norms, fp32.
+    dots = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
+    ssq_p = tl.zeros([BLOCK_P], dtype=tl.float32)
+    ssq_r = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        xp = tl.load(
+            p_base + rows_p[:, None] * stride_pn + offs_c[None, :], mask=mask_p[:, None] & mask_c[None, :], other=0.0
+        )  # (BLOCK_P, BLOCK_C), input dtype
+        xr_t = tl.load(
+            r_base + rows_r[None, :] * stride_rn + offs_c[:, None], mask=mask_c[:, None] & mask_r[None, :], other=0.0
+        )  # (BLOCK_C, BLOCK_R), transposed
+        xp_f = xp.to(tl.float32)
+        xr_f = xr_t.to(tl.float32)
+        if DOT_F32:
+            dots = tl.dot(xp_f, xr_f, dots, input_precision=PRECISION)
+        else:
+            dots = tl.dot(xp, xr_t, dots, input_precision=PRECISION)
+        ssq_p += tl.sum(xp_f * xp_f, axis=1)
+        ssq_r += tl.sum(xr_f * xr_f, axis=0)
     # fp32 squared norms overflow above ~1.8e19 (the reference rescales; see docs/kernels.md): the
     # cosine is then NaN, which the rule below ranks last.
     eps_p = EPS
@@ -187,26 +150,13 @@ def _out_rows(ridx_ptr, stride_rib, stride_rin, b, row0, Nr, P, HAS_IDX: tl.cons
 
 @triton.jit
 def _pruned_tile(
-    p_ptr,
-    pidx_ptr,
-    key_ptr,
-    b,
-    p0,
-    offs_c,
-    mask_c,
-    Np,
-    P,
-    stride_pb,
-    stride_pn,
-    stride_pib,
-    stride_pin,
-    HAS_IDX: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    src_p, key_ptr, b, p0, offs_c, mask_c, Np, P, HAS_IDX: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_P: tl.constexpr
 ):
     """Pruned tokens p0 .. p0 + BLOCK_P: ``_block_hosts``'s host and weight, and w * xp over
     the channel tile (fp32 products) as three bfloat16 parts hi + mid + lo (8 + 8 + 8
-    significant bits: the fp32 value)."""
+    significant bits: the fp32 value). ``src_p`` is where the pruned rows are read:
+    ``(p_ptr, pidx_ptr, stride_pb, stride_pn, stride_pib, stride_pin)``."""
+    p_ptr, pidx_ptr, stride_pb, stride_pn, stride_pib, stride_pin = src_p
     offs_p = p0 + tl.arange(0, BLOCK_P)
     mask_p = offs_p < Np
     rows_p = _rows(pidx_ptr, stride_pib, stride_pin, b, offs_p, mask_p, P, HAS_IDX)
@@ -279,25 +229,9 @@ def _squeeze_fuse_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    src_p = (p_ptr, pidx_ptr, stride_pb, stride_pn, stride_pib, stride_pin)  # the pruned rows (``_pruned_tile``)
     if ONE_P:  # every pruned token in one block: read it once, merge it into every row tile
-        host, w, hi, mid, lo = _pruned_tile(
-            p_ptr,
-            pidx_ptr,
-            key_ptr,
-            b,
-            0,
-            offs_c,
-            mask_c,
-            Np,
-            P,
-            stride_pb,
-            stride_pn,
-            stride_pib,
-            stride_pin,
-            HAS_IDX,
-            DOT_F32,
-            BLOCK_P,
-        )
+        host, w, hi, mid, lo = _pruned_tile(src_p, key_ptr, b, 0, offs_c, mask_c, Np, P, HAS_IDX, DOT_F32, BLOCK_P)
     row0 = pid_g * ROW_TILES * BLOCK_R
     tiles = tl.minimum(ROW_TILES, tl.cdiv(P + Nr - row0, BLOCK_R))
     for t in range(0, tiles):
@@ -311,22 +245,7 @@ def _squeeze_fuse_kernel(
         else:
             for p0 in range(0, Np, BLOCK_P):
                 host_b, w_b, hi_b, mid_b, lo_b = _pruned_tile(
-                    p_ptr,
-                    pidx_ptr,
-                    key_ptr,
-                    b,
-                    p0,
-                    offs_c,
-                    mask_c,
-                    Np,
-                    P,
-                    stride_pb,
-                    stride_pn,
-                    stride_pib,
-                    stride_pin,
-                    HAS_IDX,
-                    DOT_F32,
-                    BLOCK_P,
+                    src_p, key_ptr, b, p0, offs_c, mask_c, Np, P, HAS_IDX, DOT_F32, BLOCK_P
                 )
                 num, den = _merge_tile(num, den, offs_j, is_res, host_b, w_b, hi_b, mid_b, lo_b)
         mask = mask_o[:, None] & mask_c[None, :]
@@ -373,6 +292,7 @@ def _squeeze_update_kernel(
     b = tl.program_id(1).to(tl.int64)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    src_p = (p_ptr, pidx_ptr, stride_pb, stride_pn, stride_pib, stride_pin)  # the pruned rows (``_pruned_tile``)
     # 1. Every output row copied from its source: P pass-through rows, then the Nr reserved.
     for row0 in range(0, P + Nr, BLOCK_R):
         offs_o, mask_o, _, _, rows_o = _out_rows(ridx_ptr, stride_rib, stride_rin, b, row0, Nr, P, HAS_IDX, BLOCK_R)
@@ -390,22 +310,7 @@ def _squeeze_update_kernel(
         den = tl.zeros([BLOCK_P], dtype=tl.float32)
         for q0 in range(0, Np, BLOCK_P):
             host_q, w_q, hi_q, mid_q, lo_q = _pruned_tile(
-                p_ptr,
-                pidx_ptr,
-                key_ptr,
-                b,
-                q0,
-                offs_c,
-                mask_c,
-                Np,
-                P,
-                stride_pb,
-                stride_pn,
-                stride_pib,
-                stride_pin,
-                HAS_IDX,
-                DOT_F32,
-                BLOCK_P,
+                src_p, key_ptr, b, q0, offs_c, mask_c, Np, P, HAS_IDX, DOT_F32, BLOCK_P
             )
             num, den = _merge_tile(num, den, host, valid, host_q, w_q, hi_q, mid_q, lo_q)
         rows_h = _rows(ridx_ptr, stride_rib, stride_rin, b, host, valid, P, HAS_IDX)

@@ -16,6 +16,7 @@ __all__ = [
     "check_float",
     "check_index",
     "check_index_pair",
+    "check_masked_inputs",
     "check_num_prefix",
     "check_same_device",
     "check_same_dtype",
@@ -95,6 +96,19 @@ def check_token_pair(op: str, reserved: Tensor, pruned: Tensor) -> None:
             f"{op}: `reserved` must hold at least one token (Nr >= 1), got shape "
             f"{tuple(reserved.shape)}; there would be no host for the pruned tokens"
         )
+
+
+def check_masked_inputs(op: str, x: Tensor, keep: Tensor, pruned_now: Tensor) -> None:
+    """The (x (B, n, C), keep (B, n, 1), pruned_now (B, n, 1)) float triple every training form
+    (``*_masked``) takes."""
+    check_tensor(op, "x", x, 3, "(B, n, C)")
+    check_tensor(op, "keep", keep, 3, "(B, n, 1)")
+    check_tensor(op, "pruned_now", pruned_now, 3, "(B, n, 1)")
+    for name, t in (("x", x), ("keep", keep), ("pruned_now", pruned_now)):
+        check_float(op, name, t)
+    B, n, _ = x.shape
+    check_shape(op, "keep", keep, (B, n, 1), "(B, n, 1)")
+    check_shape(op, "pruned_now", pruned_now, (B, n, 1), "(B, n, 1)")
 
 
 def check_index_pair(op: str, x: Tensor, kept_idx: Tensor, pruned_idx: Tensor) -> None:

@@ -32,10 +32,12 @@ is returned unchanged. Gradients reach ``x`` and ``pruned_now`` (through the fus
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from ._validate import check_float, check_shape, check_tensor, check_token_pair
+from ._validate import check_masked_inputs, check_token_pair
 from .squeeze import SELF_WEIGHT, compute_dtype, cosine
 
 __all__ = [
@@ -58,6 +60,16 @@ def _argmax_finite(cos: Tensor, allowed: Tensor | None = None) -> Tensor:
 def _offsets(index: Tensor, rows: int) -> Tensor:
     """(B, M) per-image row ids -> (B * M,) ids into the flattened (B * rows) rows."""
     return (index + torch.arange(index.shape[0], device=index.device).unsqueeze(-1) * rows).reshape(-1)
+
+
+def _split_form(op: str, reserved: Tensor, pruned: Tensor, fuse: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """A split form on a checked (B, Nr, C), (B, Np, C) pair: ``fuse(xr, xp)`` -> (B, Nr, C) run in
+    the compute dtype and cast back; ``reserved`` itself when ``Np == 0``."""
+    check_token_pair(op, reserved, pruned)
+    if pruned.shape[1] == 0:
+        return reserved
+    work = compute_dtype(reserved.dtype)
+    return fuse(reserved.to(work), pruned.to(work)).to(reserved.dtype)
 
 
 # --------------------------------------------------------------------------- 1:1 matching
@@ -84,29 +96,17 @@ def match_one_to_one(reserved: Tensor, pruned: Tensor) -> Tensor:
 
     (B, Nr, C), (B, Np, C) -> (B, Nr, C); see the module docstring. Differentiable w.r.t. both.
     """
-    check_token_pair("match_one_to_one", reserved, pruned)
-    if pruned.shape[1] == 0:
-        return reserved
-    out_dtype = reserved.dtype
-    work = compute_dtype(out_dtype)
-    xr, xp = reserved.to(work), pruned.to(work)
+    return _split_form("match_one_to_one", reserved, pruned, _match_one_to_one)
+
+
+def _match_one_to_one(xr: Tensor, xp: Tensor) -> Tensor:
+    """``match_one_to_one`` in the compute dtype."""
     cos = cosine(xr, xp)  # (B, Nr, Np): row j a reserved token, column i a pruned one
     taken = _argmax_finite(cos)  # (B, Nr)
     w = cos.gather(-1, taken.unsqueeze(-1)).exp()  # (B, Nr, 1), in [exp(-1), e]
     w = torch.nan_to_num(w, nan=0.0)  # a NaN token takes nothing
     partner = xp.gather(1, taken.unsqueeze(-1).expand(-1, -1, xp.shape[2]))  # (B, Nr, C)
-    return ((SELF_WEIGHT * xr + w * partner) / (SELF_WEIGHT + w)).to(out_dtype)
-
-
-def _check_masked(op: str, x: Tensor, keep: Tensor, pruned_now: Tensor) -> None:
-    check_tensor(op, "x", x, 3, "(B, n, C)")
-    check_tensor(op, "keep", keep, 3, "(B, n, 1)")
-    check_tensor(op, "pruned_now", pruned_now, 3, "(B, n, 1)")
-    for name, t in (("x", x), ("keep", keep), ("pruned_now", pruned_now)):
-        check_float(op, name, t)
-    B, n, _ = x.shape
-    check_shape(op, "keep", keep, (B, n, 1), "(B, n, 1)")
-    check_shape(op, "pruned_now", pruned_now, (B, n, 1), "(B, n, 1)")
+    return (SELF_WEIGHT * xr + w * partner) / (SELF_WEIGHT + w)
 
 
 def match_one_to_one_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
@@ -117,7 +117,7 @@ def match_one_to_one_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tens
     ``y_j = x_j + keep_j * w_j (x_g(j) - x_j) / (e + w_j)``. An image with nothing pruned now,
     and every row with ``keep == 0``, is returned unchanged.
     """
-    _check_masked("match_one_to_one_masked", x, keep, pruned_now)
+    check_masked_inputs("match_one_to_one_masked", x, keep, pruned_now)
     out_dtype = x.dtype
     work = compute_dtype(out_dtype)
     xw, keep_w, pruned_w = x.to(work), keep.to(work), pruned_now.to(work)
@@ -147,12 +147,11 @@ def average_fuse(reserved: Tensor, pruned: Tensor) -> Tensor:
 
     (B, Nr, C), (B, Np, C) -> (B, Nr, C); see the module docstring. Differentiable w.r.t. both.
     """
-    check_token_pair("average_fuse", reserved, pruned)
-    if pruned.shape[1] == 0:
-        return reserved
-    out_dtype = reserved.dtype
-    work = compute_dtype(out_dtype)
-    xr, xp = reserved.to(work), pruned.to(work)
+    return _split_form("average_fuse", reserved, pruned, _average_fuse)
+
+
+def _average_fuse(xr: Tensor, xp: Tensor) -> Tensor:
+    """``average_fuse`` in the compute dtype."""
     B, Nr, C = xr.shape
     Np = xp.shape[1]
     host = _argmax_finite(cosine(xp, xr))  # (B, Np)
@@ -161,7 +160,7 @@ def average_fuse(reserved: Tensor, pruned: Tensor) -> Tensor:
     count = xr.new_zeros(B * Nr, 1).index_add(0, flat, xr.new_ones(B * Np, 1))
     fused = (total / (1.0 + count)).reshape(B, Nr, C)
     # rows hosting nothing take `xr` itself (x / 1 is x, but keep the rule explicit and exact)
-    return torch.where(count.reshape(B, Nr, 1) > 0, fused, xr).to(out_dtype)
+    return torch.where(count.reshape(B, Nr, 1) > 0, fused, xr)
 
 
 def average_fuse_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
@@ -172,7 +171,7 @@ def average_fuse_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
     ``y_j = x_j + sum_{h(i)=j} m_i (x_i - x_j) / (1 + sum_{h(i)=j} m_i)``. Rows receiving nothing
     are returned unchanged; the gradient reaches ``pruned_now`` through ``m``.
     """
-    _check_masked("average_fuse_masked", x, keep, pruned_now)
+    check_masked_inputs("average_fuse_masked", x, keep, pruned_now)
     out_dtype = x.dtype
     work = compute_dtype(out_dtype)
     xw = x.to(work)

@@ -44,8 +44,8 @@ from ._kernels import define_op, device_kernel, register_device_kernels
 from ._validate import (
     check_float,
     check_index_pair,
+    check_masked_inputs,
     check_num_prefix,
-    check_shape,
     check_tensor,
     check_token_pair,
 )
@@ -332,15 +332,8 @@ def squeeze_masked(x: Tensor, keep: Tensor, pruned_now: Tensor) -> Tensor:
     derivative ``dw/dm = 1`` at ``m = 0``), as in the authors' code; ``x`` gets it through the
     similarities and the fusion. Static shapes throughout (no boolean indexing): one graph.
     """
-    op = "squeeze_masked"
-    check_tensor(op, "x", x, 3, "(B, n, C)")
-    check_tensor(op, "keep", keep, 3, "(B, n, 1)")
-    check_tensor(op, "pruned_now", pruned_now, 3, "(B, n, 1)")
-    for name, t in (("x", x), ("keep", keep), ("pruned_now", pruned_now)):
-        check_float(op, name, t)
+    check_masked_inputs("squeeze_masked", x, keep, pruned_now)
     B, n, C = x.shape
-    check_shape(op, "keep", keep, (B, n, 1), "(B, n, 1)")
-    check_shape(op, "pruned_now", pruned_now, (B, n, 1), "(B, n, 1)")
 
     out_dtype = x.dtype
     work = compute_dtype(out_dtype)

@@ -9,7 +9,7 @@ from ..anchors import find
 from ..plan import Plan
 from ..runtime.outputs import final_keep, hosts_of, make_aux
 from ..runtime.state import keep_mask
-from .infra import graph_pass, require, tag, tags
+from .infra import graph_pass, require, site_states, tag, tags
 
 __all__ = ["add_aux_output"]
 
@@ -34,7 +34,7 @@ def add_aux_output(gm: fx.GraphModule, model_map: ModelMap, plan: Plan) -> fx.Gr
     """
     require(gm, "add_aux_output", "insert_sites")
     graph = gm.graph
-    states = sorted((n for n in graph.nodes if "state_of" in tags(n)), key=lambda n: tags(n)["state_of"])
+    states = sorted(site_states(graph), key=lambda n: tags(n)["state_of"])
     for site in gm.reduce_sites:
         site.track_hosts = True
     output = next(n for n in graph.nodes if n.op == "output")

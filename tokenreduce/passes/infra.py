@@ -11,7 +11,7 @@ import torch.fx as fx
 from ..anchors import META_KEY
 from ..errors import TokenReduceError
 
-__all__ = ["graph_pass", "require", "tag", "tags", "passes_run"]
+__all__ = ["graph_pass", "require", "tag", "tags", "passes_run", "site_states", "state_before"]
 
 HISTORY_KEY = "tokenreduce_passes"
 
@@ -65,3 +65,14 @@ def tag(node: fx.Node, **info) -> None:
 
 def tags(node: fx.Node) -> dict:
     return node.meta.get(META_KEY, {})
+
+
+def site_states(graph: fx.Graph) -> list[fx.Node]:
+    """The sites' ``TokenState`` nodes (tagged ``state_of`` by :func:`insert_sites`), in graph order."""
+    return [n for n in graph.nodes if "state_of" in tags(n)]
+
+
+def state_before(states: list[fx.Node], order: dict[fx.Node, int], stage: int, node: fx.Node) -> fx.Node | None:
+    """The last of ``states`` (graph order) of ``stage`` before ``node`` (``order``: a node's place in the
+    graph); None when no site of that stage comes before it."""
+    return next((s for s in reversed(states) if tags(s)["stage"] == stage and order[s] < order[node]), None)

@@ -8,7 +8,7 @@ import torch.fx as fx
 from ..analysis import ModelMap
 from ..anchors import find
 from ..runtime.positions import follow_positions
-from .infra import graph_pass, require, tag, tags
+from .infra import graph_pass, require, site_states, state_before, tag, tags
 
 __all__ = ["gather_positions", "gather_positions_in"]
 
@@ -37,16 +37,13 @@ def gather_positions_in(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModu
         return gm
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    states = [n for n in graph.nodes if "state_of" in tags(n)]
+    states = site_states(graph)
     sites = list(gm.reduce_sites)
     done: dict[tuple, fx.Node] = {}
     for i, use in enumerate(model_map.positions):
         node = find(graph, "position", i, user="pass gather_positions")
         block = model_map.block(use.block)
-        state = None
-        for s in states:
-            if tags(s)["stage"] == block.stage and order[s] < order[node]:
-                state = s
+        state = state_before(states, order, block.stage, node)
         if state is None:
             continue
         site = sites[tags(state)["state_of"]]

@@ -8,7 +8,7 @@ import torch.fx as fx
 from ..analysis import ModelMap
 from ..anchors import find_all
 from ..runtime.grid import from_grid_tokens, to_grid_tokens
-from .infra import graph_pass, require, tag, tags
+from .infra import graph_pass, require, site_states, state_before, tag
 
 __all__ = ["pad_spatial"]
 
@@ -33,16 +33,13 @@ def pad_spatial(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModule:
     require(gm, "pad_spatial", "insert_sites")
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    states = [n for n in graph.nodes if "state_of" in tags(n)]
+    states = site_states(graph)
     heads, returns = find_all(graph, "to_grid"), find_all(graph, "from_grid")
     padded: dict[int, fx.Node] = {}
     for i, grid in enumerate(model_map.to_grid):
         head = heads[i]
         src = head.args[0]  # the current input: insert_sites may have rewired it
-        state = None
-        for s in states:
-            if tags(s)["stage"] == grid.stage and order[s] < order[src]:
-                state = s
+        state = state_before(states, order, grid.stage, src)
         if state is None:
             continue
         with graph.inserting_before(head):

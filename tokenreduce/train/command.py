@@ -102,22 +102,6 @@ def add_parsers(subparsers) -> None:
     ev.set_defaults(func=run, train_command="evaluate")
 
 
-def _locs(text: str | None):
-    if text is None:
-        return None
-    return [int(t) if t.strip().lstrip("-").isdigit() else t.strip() for t in text.split(",") if t.strip()]
-
-
-def _keep(text: str):
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"--keep-ratio: expected a number or comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise ValueError("--keep-ratio: empty")
-    return values[0] if len(values) == 1 else values
-
-
 def _dense(args, drop_path: float | None):
     import timm
 
@@ -184,6 +168,7 @@ def run(args) -> int:
     overrides = {field: getattr(args, field) for _, field, _, _ in _RECIPE_FLAGS}
     overrides["model_ema"] = args.model_ema
     method = None if args.method in ("none", "dense") else args.method
+    from ..cli import parse_keep, parse_locs
     from .loop import DEFAULT_RECIPES
     from .recipes import get_recipe
 
@@ -199,8 +184,8 @@ def run(args) -> int:
     result = finetune(
         model,
         method=method,
-        locs=_locs(args.locs),
-        keep_ratio=_keep(args.keep_ratio),
+        locs=parse_locs(args.locs),
+        keep_ratio=parse_keep(args.keep_ratio),
         recipe=args.recipe,
         teacher=teacher,
         batch_size=args.batch_size,
