@@ -401,6 +401,16 @@ def test_bad_input_gets_what_the_table_says(case):
     assert_nn_module_unpatched()
 
 
+@pytest.mark.parametrize("method", ["etps", "evit", "dtps", "dynamicvit"])
+def test_a_meta_device_model_reduces_and_runs_on_meta(method):
+    with torch.device("meta"):
+        model = tiny_vit()
+    reduced = tokenreduce.apply(model, method=method, example_input=x32().to("meta")).eval()
+    with torch.no_grad():
+        out = reduced(x32().to("meta"))
+    assert out.device.type == "meta" and out.shape == model(x32().to("meta")).shape
+
+
 def test_a_meta_device_model_is_inspected_and_a_cpu_example_named():
     with torch.device("meta"):
         model = tiny_vit()

@@ -8,6 +8,8 @@ is a plain ``raise`` that is never part of the graph). Messages follow one patte
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -127,3 +129,11 @@ def check_num_prefix(op: str, num_prefix: object, x: Tensor) -> None:
         raise ValueError(
             f"{op}: `num_prefix` must be an int in [0, {n}] (x of shape {tuple(x.shape)}), got {num_prefix!r}"
         )
+
+
+def autocast_off(device: torch.device):
+    """``torch.autocast(device.type, enabled=False)``, or nothing on the meta device (shapes
+    only), which has no autocast backend."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)

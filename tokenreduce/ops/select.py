@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._kernels import define_op, device_kernel
-from ._validate import check_float, check_index, check_size_match, check_tensor
+from ._validate import autocast_off, check_float, check_index, check_size_match, check_tensor
 
 __all__ = ["gather_tokens", "split_order_op", "split_order_reference", "topk_split"]
 
@@ -102,7 +102,7 @@ def _count_upto(mask: Tensor, upper: Tensor) -> Tensor:
     2048 in float16, below 2^24 in float32), one GEMM on any device, and it avoids Inductor's
     scan kernels (torch 2.11 fails to generate one for an int64 cumsum in the dTPS graph).
     """
-    with torch.autocast(mask.device.type, enabled=False):  # bf16 would round counts above 256
+    with autocast_off(mask.device):  # bf16 would round counts above 256
         return (mask.to(upper.dtype) @ upper).long()
 
 

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ._kernels import define_op, device_kernel, register_device_kernels
 from ._validate import (
+    autocast_off,
     check_float,
     check_index_pair,
     check_masked_inputs,
@@ -124,7 +125,7 @@ def squeeze_reference(reserved: Tensor, pruned: Tensor) -> Tensor:
     # Autocast stays enabled inside a custom op's kernel: it would run the similarity matmul in
     # bf16 and then fail to add bf16 rows into the float32 accumulators. The dtype policy here is
     # explicit instead.
-    with torch.autocast(reserved.device.type, enabled=False):
+    with autocast_off(reserved.device):
         return _squeeze_reference(reserved, pruned)
 
 
