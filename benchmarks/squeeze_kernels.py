@@ -105,26 +105,19 @@ def hosts(x, kept, pruned, P, keys, cfg):
     )
 
 
+def _merge_args(x, kept, pruned, P, keys, y):
+    """The positional arguments both merge kernels take (indexed form, one stream)."""
+    Nr, Np, C = kept.shape[1], pruned.shape[1], x.shape[2]
+    strides = (*x.stride()[:2], *x.stride()[:2], *kept.stride(), *pruned.stride(), *y.stride()[:2])
+    return (x, x, kept, pruned, keys, y, Nr, Np, C, P, *strides)
+
+
 def fuse(x, kept, pruned, P, keys, y, cfg):
     r, c, t, w, s = cfg
     B, _, C = x.shape
     Nr, Np = kept.shape[1], pruned.shape[1]
     st._squeeze_fuse_kernel[(triton.cdiv(C, c), triton.cdiv(P + Nr, r * t), B)](
-        x,
-        x,
-        kept,
-        pruned,
-        keys,
-        y,
-        Nr,
-        Np,
-        C,
-        P,
-        *x.stride()[:2],
-        *x.stride()[:2],
-        *kept.stride(),
-        *pruned.stride(),
-        *y.stride()[:2],
+        *_merge_args(x, kept, pruned, P, keys, y),
         E=math.e,
         DOT_F32=False,
         HAS_IDX=True,
@@ -141,23 +134,8 @@ def fuse(x, kept, pruned, P, keys, y, cfg):
 def update(x, kept, pruned, P, keys, y, cfg):
     bp, r, c, w, s = cfg
     B, _, C = x.shape
-    Nr, Np = kept.shape[1], pruned.shape[1]
     st._squeeze_update_kernel[(triton.cdiv(C, c), B)](
-        x,
-        x,
-        kept,
-        pruned,
-        keys,
-        y,
-        Nr,
-        Np,
-        C,
-        P,
-        *x.stride()[:2],
-        *x.stride()[:2],
-        *kept.stride(),
-        *pruned.stride(),
-        *y.stride()[:2],
+        *_merge_args(x, kept, pruned, P, keys, y),
         E=math.e,
         DOT_F32=False,
         HAS_IDX=True,

@@ -13,7 +13,7 @@ from .analysis import ModelMap, analyze
 from .capture import capture
 from .errors import TokenReduceError
 from .methods import Method, get_method
-from .passes import add_aux_output, insert_sites, pad_spatial, route_policy
+from .passes import add_aux_output, gather_positions, insert_sites, pad_spatial, route_policy
 from .plan import Loc, make_plan
 from .reduced import ReducedModel, Reduction, dense_cost
 from .runtime.site import ReductionSite
@@ -149,6 +149,8 @@ def apply(
     if param is not None:
         sites = [s.to(device=param.device, dtype=param.dtype) for s in sites]
     gm = insert_sites(gm, model_map, plan, sites)
+    if model_map.positions:  # rotary tables, relative position bias follow the tokens
+        gm = gather_positions(gm, model_map)
     if model_map.to_grid:
         gm = pad_spatial(gm, model_map)
     if m.scorer.learned:

@@ -12,7 +12,6 @@ from ..anchors import find
 from ..errors import TokenReduceError
 from ..plan import Plan
 from .infra import graph_pass, tag
-from .positions import gather_positions_in
 
 __all__ = ["insert_sites"]
 
@@ -26,8 +25,8 @@ def insert_sites(gm: fx.GraphModule, model_map: ModelMap, plan: Plan, modules: l
     ``P + sites[i].n_out`` tokens for the example input (P prefix tokens, untouched); every later
     user of the stream reads the reduced tensor; sites of one stage are chained through a
     ``TokenState``. The site call is tagged ``site``, its state ``state_of`` (with its ``stage``).
-    Position-indexed tensors meeting attention after a site are indexed by the kept tokens'
-    positions (:func:`tokenreduce.passes.positions.gather_positions_in`).
+    Position-indexed tensors (rotary tables, relative bias) are left to
+    :func:`tokenreduce.passes.positions.gather_positions`, which runs next.
 
     Generated code, eTPS at block 3 (placement after attention)::
 
@@ -71,4 +70,4 @@ def insert_sites(gm: fx.GraphModule, model_map: ModelMap, plan: Plan, modules: l
         tag(call, site=site.index, block=site.block)
         tag(state, state_of=site.index, stage=site.stage)
         last_state[site.stage] = state
-    return gather_positions_in(gm, model_map)  # rotary tables, relative position bias follow the tokens
+    return gm

@@ -10,7 +10,7 @@ from ..anchors import find
 from ..runtime.positions import follow_positions
 from .infra import graph_pass, require, site_states, state_before, tag, tags
 
-__all__ = ["gather_positions", "gather_positions_in"]
+__all__ = ["gather_positions"]
 
 
 def _table_of(node: fx.Node, where: int | str) -> fx.Node:
@@ -24,17 +24,17 @@ def _replace(node: fx.Node, where: int | str, new: fx.Node) -> None:
         node.update_arg(where, new)
 
 
-def gather_positions_in(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModule:
+@graph_pass
+def gather_positions(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModule:
     """Index every position-indexed tensor that meets attention after a site by ``state.pos``.
 
-    Expects: the sites are in the graph (their states tagged ``state_of``/``stage``). Guarantees:
+    Expects: :func:`insert_sites` ran (site states tagged ``state_of``/``stage``). Guarantees:
     each table read after the first site of its stage is replaced by
     ``follow_positions(table, state, ...)`` with the last state of that stage before the reading
     node; reads before any site are untouched. A token a reducer appends (EViT) takes the mean
     row/column of a bias and no rotation from a rotary table (``fill``: cos 1, sin 0). Mutates ``gm``.
     """
-    if not model_map.positions:
-        return gm
+    require(gm, "gather_positions", "insert_sites")
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     states = site_states(graph)
@@ -62,10 +62,3 @@ def gather_positions_in(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModu
             order[new] = order[node]
         _replace(node, use.where, new)
     return gm
-
-
-@graph_pass
-def gather_positions(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModule:
-    """:func:`gather_positions_in` as a pass of its own (expects :func:`insert_sites`)."""
-    require(gm, "gather_positions", "insert_sites")
-    return gather_positions_in(gm, model_map)
