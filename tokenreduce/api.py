@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import hf
 from .analysis import ModelMap, analyze
 from .capture import capture
 from .errors import TokenReduceError
@@ -34,7 +35,7 @@ def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tens
             raise TypeError(f"example_input: expected a tensor batch, got {type(example_input).__name__}")
         return example_input
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size")
+    size = cfg.get("input_size") or (hf.input_size(model) if hf.is_hf_model(model) else None)
     embed = getattr(model, "patch_embed", None)
     img_size = getattr(embed, "img_size", None)
     first = cfg.get("first_conv")  # the input convolution, as timm's config names it
@@ -42,7 +43,8 @@ def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tens
     in_chans = getattr(conv if conv is not None else getattr(embed, "proj", None), "in_channels", None)
     if size is None:
         raise ValueError(
-            f"example_input: {type(model).__name__} has no timm pretrained_cfg['input_size']; pass "
+            f"example_input: {type(model).__name__} has no timm pretrained_cfg['input_size'] (nor a transformers "
+            f"config image_size); pass "
             f"example_input=torch.randn(2, 3, H, W) with the input size the model takes"
         )
     c, h, w = size
@@ -169,6 +171,7 @@ def apply(
         gflops_dense=gflops_dense,
         params_dense=params_dense,
         **_timm_facts(model),
+        transformers=hf.source(model),
     )
     gm.train(model.training)
     log.info("tokenreduce.apply: %s", plan.table().replace("\n", " | "))

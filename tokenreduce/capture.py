@@ -24,7 +24,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 from torch.utils._pytree import tree_leaves
 
-from . import _hooks, _signature
+from . import _hooks, _signature, hf
 from ._tracing_lock import TRACE_LOCK, ConfinedTracer, foreign_patch
 from .errors import TokenReduceError
 
@@ -186,7 +186,8 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """Trace ``model`` into a flat ``GraphModule`` and annotate every node with its shape.
 
     Args:
-        model: the module to trace; it is not modified.
+        model: the module to trace; it is not modified, except that a ``transformers`` model is
+            switched to tokenreduce's attention implementation (:mod:`tokenreduce.hf`): pass a copy.
         example: an input batch, e.g. ``(2, 3, 224, 224)``; shapes in the graph refer to it.
 
     Returns:
@@ -199,16 +200,21 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             forward needs more than one input; the example batch does not run through the graph
             (the message gives the node, the underlying error and the likely fix).
     """
-    tracer = Tracer()
+    root, tracer = model, Tracer()
+    if hf.is_hf_model(model):  # traced through a one-input root, beside the example's values
+        from ._value_tracer import ValueTracer
+
+        hf.prepare(model)
+        root, tracer = hf.ImageRoot(model), ValueTracer(example, hf.leaf_types(model))
     _hooks.check_hooks(model, tracer)
-    concrete = _signature.bound_defaults(model)
+    concrete = _signature.bound_defaults(root)
     try:
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        graph = tracer.trace(root, concrete_args=concrete or None)
     except TokenReduceError:
         raise
     except Exception as exc:
-        where = _module_being_traced(tracer, model)
-        cls = type(model.get_submodule(where)).__name__ if where in dict(model.named_modules()) else where
+        where = _module_being_traced(tracer, root)
+        cls = type(root.get_submodule(where)).__name__ if where in dict(root.named_modules()) else where
         foreign = foreign_patch()
         note = (
             (
@@ -226,7 +232,8 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             f"tokenreduce.register_leaf_function(fn)."
         ) from exc
     _signature.drop_bound_placeholders(graph)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    owner = model if root is model else hf.rebase(root, graph)
+    gm = fx.GraphModule(owner, graph, type(model).__name__)
     was_training = model.training
     gm.eval()
     prop = _ShapeProp(gm)

@@ -39,7 +39,7 @@ def config_of(reduced: ReducedModel, model_kwargs: Mapping[str, Any] | None = No
     return {
         "format": FORMAT,
         "version": __version__,
-        "model": {"name": info.model_name, "kwargs": dict(model_kwargs or {})},
+        "model": {"name": info.model_name, "kwargs": dict(model_kwargs or {}), "transformers": info.transformers},
         "method": info.plan.method.name,
         "locs": [s.block for s in info.plan.sites],
         "keep_ratio": [s.ratio for s in info.plan.sites],
@@ -90,6 +90,10 @@ def _dense_model(cfg: Mapping) -> nn.Module:
     from . import backbones  # noqa: F401  (registers pvt_* / cvt_* / lvvit_* with timm)
 
     name = cfg["model"]["name"]
+    if cfg["model"].get("transformers"):  # a Hugging Face model: its class and config
+        from . import hf
+
+        return hf.build(cfg["model"]["transformers"])
     if not timm.is_model(name):
         raise TokenReduceError(
             f"load: the checkpoint's model {name!r} is not a timm model name; build the dense "

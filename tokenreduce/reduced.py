@@ -33,7 +33,9 @@ class Reduction:
     ``model_name`` is the timm architecture when the model had one (``load`` rebuilds from it),
     else the class name; ``gflops_dense`` / ``params_dense`` the dense model's cost for one image
     of ``example_shape``; ``head`` the classifier's module path (None: no classifier found);
-    ``no_weight_decay`` and ``group_matchers`` (fine, coarse) what the dense model declared.
+    ``no_weight_decay`` and ``group_matchers`` (fine, coarse) what the dense model declared;
+    ``transformers`` the class name and config dict of a Hugging Face model (``load`` rebuilds
+    from them), else None.
     """
 
     plan: Plan
@@ -46,6 +48,7 @@ class Reduction:
     head: str | None
     no_weight_decay: tuple[str, ...]
     group_matchers: tuple[dict | None, dict | None]
+    transformers: dict | None = None
 
 
 def _rebuild(body: dict, records: list[dict], class_name: str) -> ReducedModel:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import operator
+
 import networkx as nx
 import torch.fx as fx
 
 from ..errors import TokenReduceError
 from ._found import FoundAttention, FoundBlock
-from .constructs import CHANNEL, GRID, check_handovers, check_nested, construct, refusal
+from .constructs import CHANNEL, GRID, add, check_handovers, check_nested, construct, refusal, skipped
 from .graph import data_args, data_graph, is_add, is_cat, node_path, shape_of
 
 __all__ = ["find_blocks"]
@@ -60,6 +62,19 @@ def _leaf_prefix(gm: fx.GraphModule, node: fx.Node) -> tuple[int, bool] | None:
     return count, count > 0 and getattr(module, "cls_token", None) is not None
 
 
+def _leading_cut(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(x, k)`` when ``node`` is ``x[:, :k]`` of a (B, N, C) ``x``: its first ``k`` tokens."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)):
+        return None
+    index = node.args[1]
+    if not (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)):
+        return None
+    cut = index[1]
+    if not (isinstance(cut, slice) and cut.start in (None, 0) and cut.step in (None, 1) and isinstance(cut.stop, int)):
+        return None
+    return node.args[0], cut.stop
+
+
 def _prefix_count(entry: fx.Node, image: set[fx.Node], gm: fx.GraphModule | None = None) -> tuple[int, bool]:
     """Prefix tokens leading the stream at ``entry``, and whether the first is a class token.
 
@@ -74,13 +89,20 @@ def _prefix_count(entry: fx.Node, image: set[fx.Node], gm: fx.GraphModule | None
         if is_cat(node):
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if dim in (1, -2):
-                count = 0
-                for part in node.args[0]:
-                    if part in image:
-                        break
+                count, cls = 0, False
+                for i, part in enumerate(node.args[0]):
+                    if part in image:  # the prefix of an earlier stream, cut back out (DINOv2 registers)
+                        lead = _leading_cut(part)
+                        inner = _prefix_count(lead[0], image, gm) if lead else (0, False)
+                        if not lead or lead[1] > inner[0]:
+                            break
+                        count, cls = count + lead[1], cls if i else inner[1]
+                        continue
+                    if i == 0:
+                        first = _source_name(part).rsplit(".", 1)[-1].lower()
+                        cls = "cls" in first or "class" in first
                     count += shape_of(part)[1]
-                first = _source_name(node.args[0][0]).rsplit(".", 1)[-1].lower() if count else ""
-                return count, ("cls" in first or "class" in first)
+                return count, cls and count > 0
         leaf = _leaf_prefix(gm, node) if gm is not None else None
         if leaf is not None:
             return leaf
@@ -121,11 +143,13 @@ def find_blocks(gm: fx.GraphModule, attentions: list[FoundAttention]) -> tuple[l
             notes.append(f"attention at '{where}' is {kind}: skipped")
             continue
         found = _residual_add(g, order, att.node)
+        exit_ = _mlp_residual(g, order, found[0]) if found is not None else None
+        if exit_ is None and (named := skipped(g, att, found and found[1], batch)) is not None:
+            add(kinds, named, where)  # a construct that fits no block, named for the refusal
         if found is None:
             notes.append(f"attention at '{where}' ({att.node.format_node()}) has no residual add: skipped")
             continue
         x1, entry = found
-        exit_ = _mlp_residual(g, order, x1)
         if exit_ is None:
             notes.append(f"attention at '{where}' has no second residual (MLP) branch: skipped")
             continue

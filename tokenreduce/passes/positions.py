@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..analysis import ModelMap
+from ..analysis.graph import node_path
 from ..anchors import find
 from ..runtime.positions import follow_positions
 from .infra import graph_pass, require, site_states, state_before, tag, tags
@@ -15,6 +16,20 @@ __all__ = ["gather_positions"]
 
 def _table_of(node: fx.Node, where: int | str) -> fx.Node:
     return node.kwargs[where] if isinstance(where, str) else node.args[where]
+
+
+def _shape_reads(table: fx.Node, block_path: str) -> list[fx.Node]:
+    """Reads of ``table``'s shape inside the block at ``block_path`` (DINOv3 sizes its split of
+    q into prefix and patches by its rotary table: ``q.split((n - sin.shape[-2], sin.shape[-2]))``)."""
+    out = []
+    for user in table.users:
+        shape = (user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",)) or (
+            user.op == "call_method" and user.target == "size"
+        )
+        path = node_path(user)
+        if shape and (path == block_path or path.startswith(block_path + ".")):
+            out.append(user)
+    return out
 
 
 def _replace(node: fx.Node, where: int | str, new: fx.Node) -> None:
@@ -49,16 +64,20 @@ def gather_positions(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModule:
         site = sites[tags(state)["state_of"]]
         appended = bool(site.reducer.extra_tokens)
         table = _table_of(node, use.where)
+        readers = _shape_reads(table, block.path)
+        first = min([node, *readers], key=order.__getitem__)
         key = (table, state, use.axes, use.rank, use.with_prefix, use.fill)
         new = done.get(key)
-        if new is None or order.get(new, -1) > order[node]:
-            with graph.inserting_before(node):
+        if new is None or order.get(new, -1) > order[first]:
+            with graph.inserting_before(first):
                 new = graph.call_function(
                     follow_positions,
                     (table, state, use.axes, use.rank, block.num_prefix, use.with_prefix, appended, use.fill),
                 )
             tag(new, role="position", block=block.index)
             done[key] = new
-            order[new] = order[node]
+            order[new] = order[first] - 0.5
         _replace(node, use.where, new)
+        for reader in readers:  # the block sizes its tokens by the table: it reads the gathered one
+            reader.replace_input_with(table, new)
     return gm
