@@ -177,3 +177,27 @@ def test_unsupported_model_is_refused_with_the_reason():
     )
     with pytest.raises(tokenreduce.TokenReduceError, match="no attention found in ConvNextForImageClassification"):
         tokenreduce.apply(convnext.eval(), method="dtps")
+
+
+def support_table() -> str:
+    """The README's Hugging Face rows, from the same models and checks (locs [1, 2], keep 0.5)."""
+    rows = ["| model (small config) | methods that reduce | refused, and why |", "|---|---|---|"]
+    for name in _models():
+        model = _build(name)
+        works, refused = [], []
+        for method in METHODS:
+            try:
+                tokenreduce.apply(model, method=method, keep_ratio=0.5, locs=LOCS.get(name, [1, 2]))
+                works.append(method)
+            except tokenreduce.TokenReduceError as exc:
+                reason = str(exc).split(": ", 1)[-1]
+                reason = reason.split("can reduce: ")[-1].split(" (first at")[0]
+                reason = "no class token" if "has no class token" in reason else reason
+                refused.append(reason)
+        why = "; ".join(dict.fromkeys(refused)) or "-"
+        rows.append(f"| {name} (`{type(model).__name__}`) | {', '.join(works) or 'none'} | {why} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(support_table())
