@@ -32,6 +32,26 @@ INNER = r"runs an inner transformer inside every token"
 FUSED_CLS = r"prefix token\(s\) are rebuilt from the image in between \(a fused class token"
 NOT_PRE_NORM = r"no transformer block found in .*none inside a pre-norm residual block"
 NOT_FOUND = r"no attention found in"
+_NAMED = r"no self-attention block over a token stream that tokenreduce can reduce: "
+POOLED = (
+    _NAMED + r"pooling attention \(queries pooled to \d+ and keys to \d+ tokens by a conv.*stages\.0\.blocks\.0\.attn"
+)
+SAM = _NAMED + (
+    r"windowed attention \(4 windows of 4 tokens per image, heads folded into the batch\) with a relative-position "
+    r"bias on a \(B, H, W, C\) map \(first at 'blocks\.0\.attn'\).*attention over a \(B, H, W, C\) feature map"
+)
+CONV_BLOCK = _NAMED + r"attention inside a convolutional block \(tokens flattened from a \(B, C, H, W\) map.*e_mhsa"
+XCA_CONV = _NAMED + r"channel \(cross-covariance\) attention.*first at 'stages\.1\.blocks\.1\.xca'"
+LOCAL_WINDOWS = _NAMED + r"windowed attention \(9 windows of 49 tokens per image, inside a module opaque to tracing"
+CONV_MAP = (
+    _NAMED + r"attention on a \(B, C, H, W\) feature map \(q, k, v projected by convolutions.*resolution-changing"
+)
+KEY_LAYOUT = (
+    _NAMED + r"attention with keys projected straight to a \(B, heads, d, N\) layout.*resolution-changing attention"
+)
+FACTORIZED = _NAMED + r"factorized attention \(softmax over the 257 keys' tokens, then q @ \(softmax\(k\)\^T v\)"
+GC_WINDOWS = _NAMED + r"windowed attention \(64 windows of 4 tokens per image.*stages\.0\.blocks\.0\.attn"
+UNFOLDED = _NAMED + r"attention over unfolded patches \(the 8 x 8 map cut into 16 patches; each of the 4 pixel"
 # torch's FlopCounterMode (module tracker) asserts on views of parameters made under no_grad
 # (CaiT's and PiT's class token, SigLIP's attention-pool probe): tokenreduce/flops.py must count
 # with requires_grad off; until then apply() crashes there for the learned methods.
@@ -96,22 +116,22 @@ FAMILIES = [
     Family("TNT", "tnt_s_patch16_224", dict(img_size=64, depth=4), 64, _all(INNER)),
     Family("VOLO", "volo_d1_224", dict(img_size=64), 64, _all(GRID)),
     Family("FastViT (attention stages)", "fastvit_sa12", dict(), 64, _all(GRID)),
-    Family("MViT-v2", "mvitv2_tiny", dict(img_size=64), 64, _all(NOT_PRE_NORM)),
+    Family("MViT-v2", "mvitv2_tiny", dict(img_size=64), 64, _all(POOLED)),
     Family(
         "SAM ViT",
         "samvit_base_patch16",
         dict(img_size=64, window_size=2, global_attn_indexes=(1, 3), **_SMALL),
         64,
-        _all(NOT_PRE_NORM),
+        _all(SAM),
     ),
-    Family("Next-ViT", "nextvit_small", dict(), 64, _all(NOT_PRE_NORM)),
-    Family("EdgeNeXt", "edgenext_xx_small", dict(), 64, _all(NOT_PRE_NORM)),
-    Family("Twins-SVT", "twins_svt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64, _all(NOT_FOUND)),
-    Family("EfficientFormer-v2", "efficientformerv2_s0", dict(img_size=64), 64, _all(NOT_FOUND)),
-    Family("LeViT", "levit_128s", dict(img_size=64), 64, _all(NOT_FOUND)),
-    Family("CoaT", "coat_lite_tiny", dict(img_size=64), 64, _all(NOT_FOUND)),
-    Family("GC ViT", "gcvit_xxtiny", dict(img_size=64), 64, _all(NOT_FOUND)),
-    Family("MobileViT", "mobilevit_xxs", dict(), 64, _all(NOT_FOUND)),
+    Family("Next-ViT", "nextvit_small", dict(), 64, _all(CONV_BLOCK)),
+    Family("EdgeNeXt", "edgenext_xx_small", dict(), 64, _all(XCA_CONV)),
+    Family("Twins-SVT", "twins_svt_small", dict(img_size=64, depths=(1, 1, 1, 1)), 64, _all(LOCAL_WINDOWS)),
+    Family("EfficientFormer-v2", "efficientformerv2_s0", dict(img_size=64), 64, _all(CONV_MAP)),
+    Family("LeViT", "levit_128s", dict(img_size=64), 64, _all(KEY_LAYOUT)),
+    Family("CoaT", "coat_lite_tiny", dict(img_size=64), 64, _all(FACTORIZED)),
+    Family("GC ViT", "gcvit_xxtiny", dict(img_size=64), 64, _all(GC_WINDOWS)),
+    Family("MobileViT", "mobilevit_xxs", dict(), 64, _all(UNFOLDED)),
 ]
 
 
@@ -228,6 +248,16 @@ def support_table(keep_ratio: float = 0.7) -> str:
 
 def _reason(message: str) -> str:
     for pattern, short in (
+        (POOLED, "pooling attention (q, k, v pooled by a conv, pooled query added back)"),
+        (SAM, "windowed attention with relative position on a (B, H, W, C) map"),
+        (CONV_BLOCK, "attention inside a convolutional block on a (B, C, H, W) map"),
+        (XCA_CONV, "channel attention only"),
+        (LOCAL_WINDOWS, "windowed attention, inside a module opaque to tracing"),
+        (CONV_MAP, "attention on a (B, C, H, W) map with conv projections; resolution-changing attention"),
+        (KEY_LAYOUT, "keys laid out (B, heads, d, N); resolution-changing attention"),
+        (FACTORIZED, "factorized attention (no N x N map)"),
+        (GC_WINDOWS, "windowed attention"),
+        (UNFOLDED, "attention over unfolded patches"),
         (NO_CLS, "no class token"),
         (WINDOWED, "windowed attention"),
         (GRID, "attention on a (B, H, W, C) map"),

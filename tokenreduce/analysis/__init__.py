@@ -17,7 +17,7 @@ from ..errors import TokenReduceError
 from ._found import FoundBlock
 from .attention import find_attention
 from .blocks import find_blocks
-from .constructs import opaque_attention
+from .constructs import opaque_attention, refusal, unrecognised
 from .graph import data_graph, shape_of
 from .model_map import Attention, Block, FromGrid, ModelMap, Position, ToGrid
 from .positions import find_positions
@@ -74,6 +74,9 @@ def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str)
     attentions = find_attention(gm.graph)
     opaque = opaque_attention(gm)
     if not attentions:
+        count, kinds = unrecognised(gm, example_shape)
+        if kinds:  # attention in a construct tokenreduce does not serve: name it
+            raise TokenReduceError(refusal(model_name, count, kinds))
         hint = (
             f"Its attention modules {', '.join(opaque[:3])}{' ...' if len(opaque) > 3 else ''} are opaque "
             f"to tracing (registered as leaf modules, e.g. by timm because they branch on the input size): "

@@ -90,9 +90,10 @@ def _prefix_count(entry: fx.Node, image: set[fx.Node], gm: fx.GraphModule | None
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if dim in (1, -2):
                 count, cls = 0, False
+                inserted = any(p not in image for p in node.args[0])  # registers put in after a prefix
                 for i, part in enumerate(node.args[0]):
                     if part in image:  # the prefix of an earlier stream, cut back out (DINOv2 registers)
-                        lead = _leading_cut(part)
+                        lead = _leading_cut(part) if inserted else None
                         inner = _prefix_count(lead[0], image, gm) if lead else (0, False)
                         if not lead or lead[1] > inner[0]:
                             break
