@@ -16,7 +16,8 @@ import json
 import os
 import sys
 
-from throughput import parse_timings
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import parse_timings  # noqa: E402
 
 MODELS = {  # name -> (config class, model class, config overrides)
     "vit": ("ViTConfig", "ViTForImageClassification", {}),

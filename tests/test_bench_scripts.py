@@ -65,3 +65,14 @@ def test_report_refuses_other_json(tmp_path, capsys):
     path.write_text(json.dumps({"rows": []}))
     assert _script("report").main([str(path)]) == 2
     assert "expected a dict with 'meta' and 'rows'" in capsys.readouterr().err
+
+
+def test_hf_throughput_cpu(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    argv = ["--device", "cpu", "--quick", "--models", "vit-tiny", "--img-size", "32", "--methods", "etps"]
+    assert _script("hf_throughput").main(argv + ["--out", str(out)]) == 0
+    (result,) = json.loads((out / "hf_throughput.json").read_text())
+    names = [row["variant"] for row in result["rows"]]
+    assert names == ["dense", "limit[etps]@0.7", "etps@0.7"]
+    assert all(t["img_s"] > 0 for row in result["rows"] for t in row["timings"])
