@@ -13,6 +13,13 @@ prints the tables at the end.
     python benchmarks/throughput.py --no-triton-squeeze --models deit_small_patch16_224
     python benchmarks/throughput.py --device cpu                       # CPU: fp32, batch 32, eager
     python benchmarks/throughput.py --device cpu --quick --models deit_tiny_patch16_224
+    python benchmarks/throughput.py --models deit_small_patch16_224@384,deit_base_patch16_384 --methods etps
+
+A model is a timm name, built at timm's own input size (384 for ``deit_base_patch16_384``), at
+--img-size when given, or at NAME@PIXELS (``deit_small_patch16_224@384``: timm's ``img_size=384``;
+its rows carry that label; every size is in the JSON's meta.models). ``--compile-only`` compiles
+every variant once and times nothing: run in parallel processes first, it fills Inductor's caches
+for the measuring run.
 """
 
 from __future__ import annotations
@@ -76,7 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cuda")
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None, help="default bf16 on cuda, none on cpu")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument(
+        "--img-size", type=int, default=None, help="pixels for every model (default: each model's own; or NAME@PIXELS)"
+    )
     p.add_argument(
         "--timings",
         type=parse_timings,
@@ -94,6 +103,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="seconds per model; a compilation that would end past it is skipped and recorded",
     )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds for the whole run; a compilation that would end past it is skipped and recorded",
+    )
+    p.add_argument(
+        "--compile-only", action="store_true", help="compile every variant once, time nothing (fills the caches)"
+    )
+    p.add_argument("--no-dense", action="store_true", help="with --compile-only: leave the dense model out")
     p.add_argument(
         "--no-triton-squeeze",
         action="store_true",
@@ -113,6 +132,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def model_spec(spec: str, img_size: int | None) -> tuple[str, int, str]:
+    """``NAME`` or ``NAME@PIXELS`` -> (timm name, pixels, row label). Pixels: the spec's, else
+    --img-size, else timm's own for the model; the label is the spec as given."""
+    from tokenreduce.bench.models import native_img_size
+
+    name, at, size = spec.rpartition("@")
+    if not (at and size.isdigit() and name):
+        name, size = spec, None
+    pixels = int(size) if size else (img_size or native_img_size(name))
+    return name, pixels, spec
+
+
 def plan_for(model: str, args: argparse.Namespace):
     """(methods, ratios, locs): hybrids take their papers' settings and the library's sites."""
     hybrid = next((p for p in HYBRID_RATIOS if model.startswith(p)), None)
@@ -125,10 +156,14 @@ def plan_for(model: str, args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import dataclasses
+
     import torch
 
     from tokenreduce import bench, ops
+    from tokenreduce.bench.models import load_model
     from tokenreduce.bench.protocol import Protocol
+    from tokenreduce.bench.side_by_side import compile_variants
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -141,10 +176,10 @@ def main(argv=None) -> int:
     for name, value in (("recompile_limit", 64), ("cache_size_limit", 64)):  # many variants, one process
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, value)
-    protocol = Protocol(
+    base = Protocol(
         device=args.device,
         amp=args.amp,
-        img_size=args.img_size,
+        img_size=args.img_size or 224,
         timings=args.timings,
         iters=args.iters,
         warmup=args.warmup,
@@ -154,30 +189,50 @@ def main(argv=None) -> int:
     )
     os.makedirs(args.out, exist_ok=True)
     t0, total = time.time(), None
-    for model in args.models:
-        methods, ratios, locs = plan_for(model, args)
-        log(f"\n== {model}: {', '.join(methods)} at keep {', '.join(map(str, ratios))}")
-        result = bench.measure(
-            model,
-            protocol,
-            methods=methods,
-            ratios=ratios,
-            locs=locs,
-            progress=lambda m: log(f"[{time.time() - t0:6.0f} s] {m}"),
-        )
+    for spec in args.models:
+        name, pixels, label = model_spec(spec, args.img_size)
+        methods, ratios, locs = plan_for(name, args)
+        budget = args.budget
+        if args.deadline is not None:
+            left = args.deadline - (time.time() - t0)
+            budget = left if budget is None else min(budget, left)
+        protocol = dataclasses.replace(base, img_size=pixels, budget_s=budget)
+        say = lambda m: log(f"[{time.time() - t0:6.0f} s] {m}")  # noqa: E731
+        log(f"\n== {label}: {', '.join(methods)} at keep {', '.join(map(str, ratios))}, {pixels} px")
+        say(f"{label}: building the model (random weights)")
+        dense = load_model(name, img_size=pixels).dense
+        if args.compile_only:
+            example = torch.randn(2, 3, pixels, pixels, device=args.device)
+            modules, _ = bench.build_variants(label, dense.to(args.device), methods, ratios, locs, example)
+            if args.no_dense:
+                modules.pop("dense")
+            compile_variants(modules, protocol, say)
+            continue
+        result = bench.measure(label, protocol, dense=dense, methods=methods, ratios=ratios, locs=locs, progress=say)
         if total is None:
             total = result
             total.meta["models"] = []
         else:
             total.rows += result.rows
         total.meta["models"].append(
-            {"model": model, "elapsed_s": result.meta["elapsed_s"], "load_after": result.meta.get("load_after")}
+            {
+                "model": label,
+                "img_size": pixels,
+                "elapsed_s": result.meta["elapsed_s"],
+                "load_after": result.meta.get("load_after"),
+            }
         )
+        sizes = sorted({m["img_size"] for m in total.meta["models"]})
+        total.meta["protocol"]["img_size"] = sizes[0] if len(sizes) == 1 else "/".join(map(str, sizes)) + " (per model)"
+        total.meta["protocol"]["budget_s"] = args.budget
         total.meta["args"] = vars(args)
         with open(os.path.join(args.out, "throughput.json"), "w") as f:
             json.dump(total.to_dict(), f, indent=1, default=str)
         with open(os.path.join(args.out, "throughput.md"), "w") as f:
             f.write(bench.markdown(total) + "\n")
+    if total is None:
+        log(f"\ndone in {time.time() - t0:.0f} s (compile only: nothing timed)")
+        return 0
     log(f"\ndone in {time.time() - t0:.0f} s; wrote {args.out}/throughput.json and throughput.md\n")
     log(bench.markdown(total))
     return 0

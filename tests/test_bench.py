@@ -1,5 +1,6 @@
 """tokenreduce.bench: the exact limit, the timers, the protocol records and the report (CPU, tiny models)."""
 
+import copy
 import json
 
 import pytest
@@ -8,10 +9,12 @@ import torch
 
 import tokenreduce
 from tokenreduce import bench
-from tokenreduce.bench.limit import TruncateSite
+from tokenreduce.bench.limit import TruncateSite, cut_positions
 from tokenreduce.bench.protocol import Protocol, Result, Row, Timing, Variant
 from tokenreduce.bench.report import derived
 from tokenreduce.bench.table import format_table
+from tokenreduce.methods import Scorer
+from tokenreduce.runtime.state import TokenState
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -44,6 +47,95 @@ def test_limit_sites_are_the_first_tokens_and_identity_at_keep_1(tiny):
     full = bench.limit_of(tokenreduce.apply(tiny, method="etps", keep_ratio=1.0, example_input=X)).eval()
     with torch.no_grad():
         assert torch.equal(full(X), tiny(X))
+
+
+# Small members of the families whose position tables follow the tokens: 1 class token + 16 patches.
+POSITIONED = {
+    "rope": ("vit_small_patch16_rope_224", dict(img_size=64, embed_dim=96, depth=6, num_heads=2)),  # rotary
+    "beit": ("beit_base_patch16_224", dict(img_size=64, embed_dim=96, depth=6, num_heads=2)),  # rel. pos. bias
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=56, depth=6)),  # rotary, patches only
+}
+LOCS = [1, 3]
+
+
+@pytest.fixture(scope="module", params=sorted(POSITIONED))
+def positioned(request):
+    name, kwargs = POSITIONED[request.param]
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()  # pooled features: O(1)
+    with torch.no_grad():
+        for key, p in m.named_parameters():
+            if key.rsplit(".", 1)[-1].startswith("gamma_"):
+                p.fill_(1.0)  # layer scale 1e-5 (RoPE ViT) would leave every block near the identity
+            if key.endswith("relative_position_bias_table"):
+                p.normal_()  # BEiT starts at zeros: a bias cut at the wrong rows would go unseen
+    return m, torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+
+
+def _expected_rows(reduced) -> list[tuple[int, int, int]]:
+    """(block, attention tokens, MLP tokens) of every block, from the plan's sites by hand."""
+    info = reduced.meta["tokenreduce"]
+    P, n = info.plan.sites[0].num_prefix, info.plan.sites[0].n_in
+    rows, now, sites = [], P + n, list(info.plan.sites)
+    for b in range(len(info.model_map.blocks)):
+        here = [s for s in sites if s.block == b]
+        if here and here[0].placement == "before":
+            now = P + here[0].n_out
+        attn = now
+        if here and here[0].placement == "after_attn":
+            now = P + here[0].n_out
+        rows.append((b, attn, now))
+    return rows
+
+
+@pytest.mark.parametrize("method", ["etps", "evit", "dtps"])
+def test_limit_of_positioned_models_cuts_the_tables_and_has_the_planned_counts(positioned, method):
+    model, x = positioned
+    reduced = tokenreduce.apply(model, method=method, locs=LOCS, keep_ratio=0.6, example_input=x).eval()
+    limit = bench.limit_of(tokenreduce.apply(model, method=method, locs=LOCS, keep_ratio=0.6, example_input=x)).eval()
+    targets = [n.target for n in limit.graph.nodes if n.op == "call_function"]
+    assert cut_positions in targets  # the tables follow the tokens: each read is cut, none gathered
+    assert not any(getattr(t, "__name__", "") == "follow_positions" for t in targets)
+    rows = [(b, na, nm) for b, _, na, nm in tokenreduce.summary(limit).rows]  # counted by running the graph
+    assert rows == [(b, na, nm) for b, _, na, nm in tokenreduce.summary(reduced).rows] == _expected_rows(reduced)
+    with torch.no_grad():
+        assert limit(x).shape == reduced(x).shape
+
+
+class _FirstTokens(Scorer):
+    """Scores that fall with the position: the top k are the first k patches."""
+
+    learned = True
+
+    def forward(self, patches, prev_keep, attn):
+        B, n = patches.shape[:2]
+        return -torch.arange(n, dtype=patches.dtype, device=patches.device).expand(B, n)
+
+
+def test_limit_of_positioned_models_equals_the_reduced_model_keeping_the_first_tokens(positioned):
+    """DynamicViT drops what it does not keep: with scores that keep the first k patches, the
+    reduced model (its tokens and tables gathered by position) computes the limit's model."""
+    model, x = positioned
+    reduced = tokenreduce.apply(model, method="dynamicvit", locs=LOCS, keep_ratio=0.5, example_input=x).eval()
+    limit = bench.limit_of(copy.deepcopy(reduced)).eval()
+    for site in reduced.reduce_sites:
+        site.scorer = _FirstTokens(1, site.num_prefix)
+    with torch.no_grad():
+        want, got = reduced(x), limit(x)
+        assert want.abs().mean() > 0.1
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, model(x), atol=1e-2)  # the sites did remove tokens
+
+
+def test_cut_positions_is_a_view_of_the_first_rows():
+    state = TokenState(pos=torch.arange(5).expand(2, 5), keep=None, n_ref=16)
+    rope = torch.randn(16, 8)  # (n_ref, d) against q (B, H, n, d): token axis 2, patches only
+    assert torch.equal(cut_positions(rope, state, (2,), 4, 1, False, False, 1.0), rope[:5])
+    bias = torch.randn(1, 3, 17, 17)  # against logits (B, H, P + n, P + n)
+    cut = cut_positions(bias, state, (2, 3), 4, 1, True, True)
+    assert torch.equal(cut, bias[:, :, :6, :6]) and cut.data_ptr() == bias.data_ptr()
+    full = TokenState(pos=torch.arange(16).expand(2, 16), keep=None, n_ref=16)
+    assert cut_positions(bias, full, (2, 3), 4, 1, True, False) is bias
 
 
 def test_build_variants_shares_limits_and_records_refusals(tiny):
@@ -140,3 +232,15 @@ def test_measure_compiled_cpu(tiny):
     for row in result.rows:
         (t,) = row.timings
         assert t.graphs == 1 and t.graph_breaks == 0 and t.img_s > 0
+
+
+def test_img_size_builds_the_model_and_plans_at_that_size():
+    from tokenreduce.bench.models import load_model, native_img_size
+
+    assert native_img_size("deit_base_patch16_384") == 384 and native_img_size("pvt_tiny") == 224
+    dense = load_model("deit_tiny_patch16_224", img_size=96).dense  # timm's img_size=96: 6 x 6 patches
+    x = torch.randn(2, 3, 96, 96)
+    modules, rows = bench.build_variants("tiny@96", dense, methods=("etps",), ratios=(0.7,), example=x)
+    assert rows[1].tokens == rows[2].tokens == [1 + 26, 1 + 19, 1 + 14]  # ceil(0.7 * 36) = 26, then 19, 14
+    with torch.no_grad():
+        assert modules["limit[etps]@0.7"](x).shape == modules["etps@0.7"](x).shape == (2, 1000)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["Loaded", "example_batch", "is_tokenreduce_checkpoint", "load_model"]
+__all__ = ["Loaded", "example_batch", "is_tokenreduce_checkpoint", "load_model", "native_img_size"]
 
 
 class Loaded(NamedTuple):
@@ -78,6 +78,21 @@ def _create(name: str, pretrained: bool, img_size: int | None, **kwargs) -> nn.M
             f"check the name and the network, or give the architecture's timm name with the weights file "
             f"as --checkpoint PATH"
         ) from None
+
+
+def native_img_size(name: str, default: int = 224) -> int:
+    """The input size (pixels) timm's default config of ``name`` declares: 384 for
+    ``deit_base_patch16_384``, 224 for ``pvt_tiny``; ``default`` when timm has no config for it."""
+    from timm.models import get_pretrained_cfg, parse_model_name, split_model_name_tag
+
+    from tokenreduce import backbones  # noqa: F401  (registers pvt_* / cvt_* with timm)
+
+    source, rest = parse_model_name(name)
+    if source is not None:
+        return default
+    cfg = get_pretrained_cfg(split_model_name_tag(rest)[0])
+    size = getattr(cfg, "input_size", None)
+    return int(size[-1]) if size else default
 
 
 def _tokenreduce_load(path: str, dense: nn.Module | None) -> nn.Module:

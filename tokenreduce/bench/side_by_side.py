@@ -29,7 +29,7 @@ from .protocol import Protocol, Result, Row, Timing
 from .timing import host_ms, kernel_times, reduction_us, round_robin
 from .variants import build_variants, short_error
 
-__all__ = ["measure", "measure_variants"]
+__all__ = ["compile_variants", "measure", "measure_variants"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -176,6 +176,37 @@ def measure_variants(
                 by_name[name].timing(batch, mode).ms = ms
             compiled.clear()
             _cleanup(device)
+
+
+def compile_variants(modules: dict[str, nn.Module], protocol: Protocol, progress: Progress | None = None) -> dict:
+    """Compile every module for every compiled ``(batch, mode)`` of ``protocol`` with one call
+    each, and time nothing: run in other processes before a measurement, it fills Inductor's
+    on-disk caches (FX graphs, Triton kernels), so the measuring process compiles from them.
+    Returns variant name -> seconds per compile, or the error's text."""
+    say = progress or log.info
+    device = torch.device(protocol.device)
+
+    def ctx():
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(_autocast(protocol, device))
+        return stack
+
+    done: dict[str, list] = {name: [] for name in modules}
+    for batch, mode in protocol.timings:
+        if mode == "eager":
+            continue
+        x = torch.randn(batch, 3, protocol.img_size, protocol.img_size, device=device)
+        for name, m in modules.items():
+            try:
+                _, timing = _compile(m, mode, x, ctx)
+                done[name].append(round(timing.compile_s, 1))
+                say(f"batch {batch}, {mode}: compiled {name} in {timing.compile_s:.0f} s")
+            except Exception as err:  # noqa: BLE001 - the measuring process records it
+                done[name].append(short_error(err))
+                say(f"batch {batch}, {mode}: {name}: compile failed: {short_error(err)}")
+            _cleanup(device)
+    return done
 
 
 def measure(
