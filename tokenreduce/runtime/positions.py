@@ -4,6 +4,7 @@ positional attention term by the kept tokens' original positions."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .state import TokenState
@@ -69,4 +70,16 @@ def follow_positions(
         out = moved[batch[:, None], pos]  # (B, k, rest...)
     else:
         out = moved[batch[:, None, None], pos[:, :, None], pos[:, None, :]]  # (B, k, k, rest...)
-    return out.movedim(tuple(range(1, m + 1)), axes)
+    out = out.movedim(tuple(range(1, m + 1)), axes)
+    if axes == (rank - 2, rank - 1):  # an attention bias: laid out as fused attention kernels take it
+        out = _aligned_rows(out)
+    return out
+
+
+def _aligned_rows(bias: Tensor, multiple: int = 16) -> Tensor:
+    """``bias`` (..., k, k) with unit stride on its last axis and a row stride that is a multiple
+    of ``multiple`` elements (a view of a zero-padded copy). sdpa's fused kernels need this of an
+    ``attn_mask``; given the gathered bias's (B, k, k, H) storage they fall back to the math path."""
+    k = bias.shape[-1]
+    pad = -k % multiple
+    return F.pad(bias, (0, pad))[..., :k] if pad else bias.contiguous()
