@@ -82,4 +82,5 @@ def _aligned_rows(bias: Tensor, multiple: int = 16) -> Tensor:
     ``attn_mask``; given the gathered bias's (B, k, k, H) storage they fall back to the math path."""
     k = bias.shape[-1]
     pad = -k % multiple
-    return F.pad(bias, (0, pad))[..., :k] if pad else bias.contiguous()
+    bias = bias.contiguous()  # F.pad keeps its input's layout
+    return F.pad(bias, (0, pad))[..., :k] if pad else bias
