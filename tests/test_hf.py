@@ -201,3 +201,37 @@ def support_table() -> str:
 
 if __name__ == "__main__":
     print(support_table())
+
+
+@pytest.mark.parametrize("locs", [[1], [1, 2]])
+def test_dinov3_rotary_tables_follow_the_tokens(locs):
+    """Oracle: DINOv3's own layers run one image at a time in float64 on the kept tokens, with its
+    rotary tables (patch rows only) indexed by hand, equal the reduced model."""
+    model = _build("dinov3").double()
+    for m in model.modules():  # O(1) weights: near the identity a wrong table would hardly show
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=m.in_features**-0.5)
+    img = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    reduced = tokenreduce.apply(
+        model, method="dynamicvit", locs=locs, keep_ratio=0.5, example_input=img, aux=True
+    ).eval()
+    with torch.no_grad():
+        out, aux = reduced(img)
+        x = model.embeddings(img)
+        cos, sin = model.rope_embeddings(img)  # (n, d): the patches' rows
+        P = x.shape[1] - cos.shape[-2]
+        want = []
+        for b in range(2):
+            xb, cur = x[b : b + 1], list(range(cos.shape[-2]))
+            for i, layer in enumerate(model.model.layer):
+                if i in locs:
+                    alive = set(aux.keeps[locs.index(i)][b].nonzero()[:, 0].tolist())
+                    rows = [j for j, p in enumerate(cur) if p in alive]
+                    cur = [cur[j] for j in rows]
+                    xb = torch.cat([xb[:, :P], xb[:, P:][:, rows]], dim=1)
+                xb = layer(xb, position_embeddings=(cos[..., cur, :], sin[..., cur, :]))
+            want.append(model.norm(xb)[:, 0])
+        dense = model(pixel_values=img).pooler_output
+    assert aux.keeps[-1].sum(1).tolist() == [16 * 0.5 ** len(locs)] * 2
+    torch.testing.assert_close(out, torch.cat(want), rtol=1e-5, atol=1e-5)
+    assert (out - dense).abs().max() > 1e-2 * dense.abs().max()  # the reduction changed the result
