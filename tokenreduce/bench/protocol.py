@@ -156,6 +156,18 @@ class Row:
         return cls(**d)
 
 
+def timed_rows(rows) -> list[dict]:
+    """Dataclass rows with a ``timings`` list of :class:`Timing` as dicts, each timing with its
+    derived median_ms, img_s and spread."""
+    out = []
+    for r in rows:
+        d = asdict(r)
+        for td, t in zip(d["timings"], r.timings):
+            td.update(median_ms=t.median_ms, img_s=t.img_s, spread=t.spread)
+        out.append(d)
+    return out
+
+
 @dataclass
 class Result:
     """A run: environment and protocol (``meta``) and the rows, dense and limits first."""
@@ -165,13 +177,7 @@ class Result:
 
     def to_dict(self) -> dict:
         """JSON-ready; each timing also carries its derived median_ms, img_s and spread."""
-        rows = []
-        for r in self.rows:
-            d = asdict(r)
-            for td, t in zip(d["timings"], r.timings):
-                td.update(median_ms=t.median_ms, img_s=t.img_s, spread=t.spread)
-            rows.append(d)
-        return {"meta": self.meta, "rows": rows}
+        return {"meta": self.meta, "rows": timed_rows(self.rows)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Result:

@@ -21,13 +21,13 @@ import gc
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .env import environment, load_average
-from .protocol import Timing
+from .protocol import Timing, timed_rows
 from .timing import host_ms, round_robin
 from .training_step import TrainStep, build_step, check_step
 from .variants import short_error, tokens_after_sites
@@ -110,13 +110,7 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         """JSON-ready; each timing also carries its median_ms, img_s and spread."""
-        rows = []
-        for r in self.rows:
-            d = asdict(r)
-            for td, t in zip(d["timings"], r.timings):
-                td.update(median_ms=t.median_ms, img_s=t.img_s, spread=t.spread)
-            rows.append(d)
-        return {"meta": self.meta, "rows": rows}
+        return {"meta": self.meta, "rows": timed_rows(self.rows)}
 
     def dense(self) -> TrainRow | None:
         return next((r for r in self.rows if r.variant == "dense"), None)
