@@ -104,7 +104,8 @@ def apply(
     """Return ``model`` with token reduction inserted at ``locs``; ``model`` is left untouched.
 
     Args:
-        model: a vision transformer (timm's, a hybrid, or your own) that ``torch.fx`` can trace.
+        model: a vision transformer (timm's, a hybrid, your own that ``torch.fx`` can trace, or
+            a Hugging Face ``transformers`` vision model: see :mod:`tokenreduce.hf`).
         method: ``"etps"``, ``"evit"``, ``"dtps"``, ``"dynamicvit"`` or a registered method.
         locs: 0-based block indices (counted over all stages) or block paths (``"blocks.3"``,
             ``"stages.2.blocks.3"``); default: the model's ``default_reduction_locs`` if it has
@@ -115,7 +116,8 @@ def apply(
             tokens, the s-th site keeping ``int(n * rho ** s)``; a list gives those cumulative
             fractions (``[0.7, 0.49, 0.343]``).
         example_input: a batch the model takes (default: timm's config input size, with the
-            patch embedding's channels and image size).
+            patch embedding's channels and image size; a transformers config's ``image_size``
+            and ``num_channels``).
         aux: also return :class:`tokenreduce.Aux`: ``out, aux = reduced(x)`` (keep masks, final
             tokens, host maps).
 
