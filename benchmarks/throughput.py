@@ -31,6 +31,7 @@ import sys
 import time
 
 from tokenreduce.bench.protocol import MODES
+from tokenreduce.cli import parse_locs
 
 GPU_MODELS = ("deit_small_patch16_224", "deit_tiny_patch16_224", "deit_base_patch16_224", "pvt_tiny")
 METHODS = ("etps", "evit", "dtps", "dynamicvit")
@@ -77,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--locs",
-        type=csv,
-        default=["3", "6", "9"],
+        type=parse_locs,
+        default=[3, 6, 9],
         help="block indices for plain ViTs (hybrids take the library's default sites)",
     )
     p.add_argument("--device", default="cuda")
@@ -150,8 +151,7 @@ def plan_for(model: str, args: argparse.Namespace):
     default_ratios = [0.7, 0.5] if args.device.startswith("cuda") else [0.7]
     if hybrid:
         return args.methods or list(HYBRID_METHODS), args.ratios or list(HYBRID_RATIOS[hybrid]), None
-    locs = [int(t) if t.lstrip("-").isdigit() else t for t in args.locs]
-    return args.methods or list(METHODS), args.ratios or default_ratios, locs
+    return args.methods or list(METHODS), args.ratios or default_ratios, args.locs
 
 
 def main(argv=None) -> int:
@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     import torch
 
     from tokenreduce import bench, ops
+    from tokenreduce.bench.env import allow_many_compiles
     from tokenreduce.bench.models import load_model
     from tokenreduce.bench.protocol import Protocol
     from tokenreduce.bench.side_by_side import compile_variants
@@ -173,9 +174,7 @@ def main(argv=None) -> int:
             return 2
         if args.no_triton_squeeze:  # else the package's default (TOKENREDUCE_TRITON)
             ops.enable_triton_kernels(False)
-    for name, value in (("recompile_limit", 64), ("cache_size_limit", 64)):  # many variants, one process
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, value)
+    allow_many_compiles()
     base = Protocol(
         device=args.device,
         amp=args.amp,

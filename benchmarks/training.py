@@ -25,6 +25,7 @@ import sys
 import time
 
 from tokenreduce.bench.protocol import MODES
+from tokenreduce.cli import parse_locs
 
 METHODS = ("dense", "dtps", "dynamicvit", "etps", "evit")
 
@@ -41,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="deit_small_patch16_224", help="a timm name (random weights)")
     p.add_argument("--methods", type=csv, default=list(METHODS), help=f"default {','.join(METHODS)}")
     p.add_argument("--keep-ratio", type=float, default=0.7)
-    p.add_argument("--locs", type=csv, default=None, help="block indices or paths (default: the model's sites)")
+    p.add_argument("--locs", type=parse_locs, default=None, help="block indices or paths (default: the model's sites)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--img-size", type=int, default=None, help="default: the model's input size")
     p.add_argument("--device", default="cuda")
@@ -75,6 +76,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     import torch
 
+    from tokenreduce.bench.env import allow_many_compiles
     from tokenreduce.bench.training import TrainProtocol, measure_training
     from tokenreduce.bench.training_report import train_markdown, train_screen
 
@@ -83,10 +85,8 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         log("CUDA is not available: pass --device cpu")
         return 2
-    for name, value in (("recompile_limit", 64), ("cache_size_limit", 64)):  # several variants, one process
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, value)
-    locs = None if args.locs is None else tuple(int(t) if t.lstrip("-").isdigit() else t for t in args.locs)
+    allow_many_compiles()
+    locs = None if args.locs is None else tuple(args.locs)
     protocol = TrainProtocol(
         device=args.device,
         amp=args.amp,

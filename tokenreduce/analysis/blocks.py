@@ -80,8 +80,11 @@ def _prefix_count(entry: fx.Node, image: set[fx.Node], gm: fx.GraphModule | None
 
     Walk back over token-preserving ops to the ``cat`` that built the sequence and count its
     leading operands that do not depend on the image (class token, distillation token,
-    registers). The first prefix token is a class token when its parameter is named like one
-    (``cls_token``, ``class_token``); register-only models (``*_reg4_gap``) have none. No cat: 0.
+    registers). Where the cat also inserts such operands, an operand ``x[:, :k]`` cutting the
+    first ``k`` prefix tokens of an earlier stream back out counts as ``k`` prefix tokens too
+    (DINOv2 with registers: ``cat(x[:, :1], registers, x[:, 1:])``). The first prefix token is a
+    class token when its parameter is named like one (``cls_token``, ``class_token``);
+    register-only models (``*_reg4_gap``) have none. No cat: 0.
     """
     n_tokens = shape_of(entry)[1]
     node = entry

@@ -6,7 +6,7 @@ import datetime
 import os
 import platform
 
-__all__ = ["cpu_model", "environment", "load_average", "load_warning", "triton_kernels_on"]
+__all__ = ["allow_many_compiles", "cpu_model", "environment", "load_average", "load_warning", "triton_kernels_on"]
 
 
 def cpu_model() -> str:
@@ -83,3 +83,12 @@ def environment(device: str) -> dict:
         info["cpu_threads"] = torch.get_num_threads()
         info["load_before"] = load_average()
     return info
+
+
+def allow_many_compiles(limit: int = 64) -> None:
+    """Raise Dynamo's recompile limit: a benchmark compiles many variants in one process."""
+    import torch
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name differs across torch versions
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, limit)

@@ -50,8 +50,10 @@ def follow_positions(
 
     Returns:
         (B, ..., k', ...) of rank ``rank``: row j of a token axis is the table's row of the j-th
-        current token (a squeezed host keeps its own position). Returns ``table`` itself when no
-        token was removed (keep 1, or the fixed-length training form).
+        current token (a squeezed host keeps its own position). A bias (token axes the last two)
+        has unit stride on its last axis and rows padded to 16 elements, as fused attention
+        kernels take an ``attn_mask``. Returns ``table`` itself when no token was removed (keep 1,
+        or the fixed-length training form).
     """
     pos = state.pos  # (B, k)
     if pos.shape[1] == state.n_ref and not appended:
