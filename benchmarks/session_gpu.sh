@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H200 session for the open benchmark issues, in 8-9 minutes of wall time (TOTAL); JSON under $OUT.
+# One H200 session for the position-table, 384 px and hybrid measurements, in 8-9 minutes of wall time (TOTAL); JSON under $OUT.
 #
 #   (1) RoPE ViT (vit_small_patch16_rope_224), BEiT-B, EVA-02-S: dense, limit and reduced (etps, dtps)
 #   (2) DeiT-S (img_size=384) and DeiT-B/384: the same, target >= 0.95 of the limit, speed-up over dense

@@ -1,4 +1,4 @@
-"""Every transformer family of timm x every method (issue 14): the reduced model is right, or the
+"""Every transformer family of timm x every method: the reduced model is right, or the
 refusal is a TokenReduceError whose message names the construct. No other outcome passes.
 
 A result is right when: keep 1 reproduces the dense model; at keep 0.5 the output is finite and of

@@ -1,4 +1,4 @@
-"""Position-indexed tensors follow the tokens (issue 14, item 1): rotary tables (timm's RoPE ViT,
+"""Position-indexed tensors follow the tokens: rotary tables (timm's RoPE ViT,
 EVA-02) and relative position bias (BEiT, vit_relpos) are indexed by the kept tokens' original
 positions after a site. Oracles: the model's own blocks run, one image at a time in float64, on
 the kept tokens with the tables indexed by hand."""

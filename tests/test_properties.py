@@ -183,7 +183,7 @@ def test_bad_requests_raise_a_clear_error(locs, ratio, method):
 
 
 def test_the_reported_evit_bug_case():
-    """The case the issue reported (depth 2, one patch token, evit, locs [0], keep 1.0)."""
+    """The case once reported (depth 2, one patch token, evit, locs [0], keep 1.0)."""
     model = make_vit(2, 1, 8, 8, 1, True, 0, True)
     check_properties(model, torch.randn(2, 3, 8, 8), "evit", [0], 1.0)
 

@@ -117,11 +117,11 @@ def test_inference_graph_keeps_the_fused_attention():
     assert len(square) == 9
 
 
-# --- the training-form squeeze's gradient, through a whole model (issue 15) -----------------
+# --- the training-form squeeze's gradient, through a whole model ---------------------------
 
 
 def _previous_squeeze_masked(x, keep, pruned_now):
-    """The training form before issue 15 (kept here to show the test below can fail): a token may
+    """The earlier training form (kept here to show the test below can fail): a token may
     host itself, weights exp(c) * pruned_now, and the fused update mixed in as ``x + keep * u``."""
     B, n, C = x.shape
     cos = cosine(x, x)

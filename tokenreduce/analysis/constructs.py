@@ -127,7 +127,7 @@ def opaque_attention(gm: fx.GraphModule) -> list[str]:
     return out
 
 
-# Constructs that fit no block, named for the refusal (issue 14): detected from the graph around
+# Constructs that fit no block, named for the refusal: detected from the graph around
 # a skipped attention (`skipped`), from attention-like ops the recogniser does not accept
 # (`unrecognised`), or from inside opaque modules (`inside`).
 POOLED = "pooling attention"
