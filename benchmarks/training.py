@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--budget", type=float, default=None, help="seconds; a compilation that would end past it is skipped"
     )
+    p.add_argument("--kernels", action="store_true", help="record each step's kernel times (cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=os.environ.get("OUT") or "./bench-out")
     args = p.parse_args(argv)
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
         compile_mode=args.mode,
         compile_backend=args.backend,
         budget_s=args.budget,
+        kernels=args.kernels,
     )
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()

@@ -132,3 +132,24 @@ def test_check_step_finds_heads_without_gradient():
 def test_train_recipe(method, learned, distill, expect):
     r = train_recipe(method, learned, distill)
     assert (r.name, r.ratio_weight, r.distill_weight, r.token_loss) == expect
+
+
+def test_report_shows_kernel_and_host_time():
+    from tokenreduce.bench.protocol import Timing
+    from tokenreduce.bench.training import TrainResult, TrainRow
+    from tokenreduce.bench.training_report import train_markdown
+
+    def row(variant, ms, kernel_us, host):
+        t = Timing(batch=8, mode="default", ms=[ms], peak_mib=100.0, host_ms=host, kernel_us=kernel_us)
+        return TrainRow(model="m", variant=variant, timings=[t], checks={"ok": True, "problems": []})
+
+    meta = {"device_type": "cuda", "protocol": {"batch": 8}}
+    result = TrainResult(meta=meta, rows=[row("dense", 10.0, 4000.0, 9.5), row("etps@0.7", 8.0, None, 2.0)])
+    md = train_markdown(result)
+    assert "| GPU ms | host ms |" in md
+    dense_line = next(line for line in md.splitlines() if line.startswith("| dense"))
+    assert "| 4.00 | 9.50 |" in dense_line  # 4,000 us of kernels, 9.5 ms to launch: launch-bound
+    etps_line = next(line for line in md.splitlines() if line.startswith("| etps"))
+    assert "| 2.00 |" in etps_line  # host time shown; no kernel time recorded for this row
+    without = TrainResult(meta=meta, rows=[row("dense", 10.0, None, 9.5)])
+    assert "| GPU ms |" not in train_markdown(without)

@@ -12,7 +12,8 @@ full length with policy-masked attention ("masked"); eTPS and EViT really remove
 ("dropped"). Timed with :func:`~tokenreduce.bench.timing.round_robin` (CUDA events on a GPU; the
 median of ``repeats`` repeats of ``iters`` steps after ``warmup`` steps); on CUDA also the peak
 memory of the timed steps (``max_memory_allocated`` over what was allocated before the variant
-was built) and the host time to launch one step.
+was built), the host time to launch one step and (``kernels``) the kernel-time sum of a step: a
+step whose host time is close to its wall time but whose kernels take less is launch-bound.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from .env import environment, load_average
 from .protocol import Timing, timed_rows
-from .timing import host_ms, round_robin
+from .timing import host_ms, kernel_times, round_robin
 from .training_step import TrainStep, build_step, check_step
 from .variants import short_error, tokens_after_sites
 
@@ -61,6 +62,7 @@ class TrainProtocol:
     compile_mode: str = "default"
     compile_backend: str = "inductor"
     budget_s: float | None = None
+    kernels: bool = False  # CUDA: also the GPU time of each kernel a step launches (torch.profiler)
 
     def __post_init__(self) -> None:
         if self.amp not in ("bf16", "none"):
@@ -149,6 +151,10 @@ def _time(step: Callable[[], torch.Tensor], timing: Timing, p: TrainProtocol, de
     if device.type == "cuda":
         timing.peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         timing.host_ms = host_ms(call)
+        if p.kernels:
+            kernels, _ = kernel_times(call, 3)
+            timing.kernel_us = sum(kernels.values())
+            timing.top_kernels = {k[:90]: round(v, 1) for k, v in list(kernels.items())[:15]}
     return float(last[0].detach()) if last else float("nan")
 
 

@@ -1,7 +1,8 @@
 """A training-step run as tables: :func:`train_screen` (fixed width) and :func:`train_markdown`. No torch.
 
 Per timing (eager, compiled): images/s, ms per step, ``x dense`` (img/s over the dense step's
-in the same mode of the same run) and, on CUDA, the peak MiB of the timed steps.
+in the same mode of the same run) and, on CUDA, the peak MiB of the timed steps (with kernel
+times recorded, also the kernel-time sum and the host time of one step).
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ def _speed(t: Timing | None, dense: Timing | None) -> list:
     return [img_s, t.median_ms if t else None, x_dense, t.peak_mib if t else None]
 
 
+def _has_kernels(result, mode: str) -> bool:
+    return any(t.kernel_us for r in result.rows for t in r.timings if t.mode == mode)
+
+
 def _rows(result) -> tuple[list[list[str]], list[bool]]:
     cuda = result.meta.get("device_type") == "cuda"
     modes = _modes(result)
     head = ["variant", "form", "tokens after sites", "loss"]
     for mode in modes:
         head += [f"{_label(mode)} img/s", "ms/step", "x dense"] + (["peak MiB"] if cuda else [])
+        head += ["GPU ms", "host ms"] if _has_kernels(result, mode) else []
         head += ["compile s"] if mode != "eager" else []
     dense = result.dense()
     out = [head]
@@ -44,6 +50,9 @@ def _rows(result) -> tuple[list[list[str]], list[bool]]:
             img_s, ms, x_dense, peak = _speed(t, dense.timing(mode) if dense else None)
             speed = num(img_s, ",.0f") + ("*" if t is not None and t.launch_bound else "")
             cells += [speed, num(ms, ".2f"), num(x_dense, ".3f", "")] + ([num(peak, ",.0f")] if cuda else [])
+            if _has_kernels(result, mode):
+                gpu_ms = t.kernel_us / 1e3 if t is not None and t.kernel_us else None
+                cells += [num(gpu_ms, ".2f"), num(t.host_ms if t else None, ".2f")]
             cells += [num(t.compile_s if t else None, ".0f")] if mode != "eager" else []
         out.append(cells)
     return out, [False] * 4 + [True] * (len(head) - 4)
@@ -89,7 +98,8 @@ def _header(result) -> list[str]:
 _FOOT = (
     "form: masked = full length with policy-masked attention (dTPS, DynamicViT training), dropped = tokens "
     "really removed (eTPS, EViT). x dense: img/s over the dense step's in the same mode. peak MiB: "
-    "max_memory_allocated over the timed steps (weights, gradients, AdamW state, activations)."
+    "max_memory_allocated over the timed steps (weights, gradients, AdamW state, activations). GPU ms: the "
+    "kernel-time sum of one step; host ms: the time to launch one step onto an idle GPU."
 )
 
 
