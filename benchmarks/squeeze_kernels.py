@@ -34,6 +34,12 @@ SHAPES = [  # (label, B, P, n, k, C)
     ("B s1 .7", 256, 1, 196, 137, 768),
     ("B s1 .5", 256, 1, 196, 98, 768),
     ("S s1 .7 b1", 1, 1, 196, 137, 384),
+    ("S s2 .7 b1", 1, 1, 137, 96, 384),
+    ("S s3 .7 b1", 1, 1, 96, 67, 384),
+    ("B s1 .7 b1", 1, 1, 196, 137, 768),
+    ("S s1 .7 b8", 8, 1, 196, 137, 384),
+    ("S s1 .7 b32", 32, 1, 196, 137, 384),
+    ("S s1 .7 b64", 64, 1, 196, 137, 384),
     # PVT-Tiny's sites (the starts of stages 2-4, no prefix token) at keep 0.7
     ("PVT s2 .7", 256, 0, 784, 549, 128),
     ("PVT s3 .7", 256, 0, 196, 137, 320),
@@ -41,7 +47,7 @@ SHAPES = [  # (label, B, P, n, k, C)
 ]
 HOSTS = [
     (p, r, c, w, s)
-    for p in (32, 64, 128)
+    for p in (16, 32, 64, 128)
     for r, c, w, s in (  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
         (64, 16, 4, 4),
         (64, 32, 4, 3),
@@ -49,6 +55,12 @@ HOSTS = [
         (64, 64, 4, 2),
         (32, 16, 4, 4),
         (64, 32, 8, 3),
+        (16, 16, 4, 4),
+        (16, 32, 4, 3),
+        (16, 64, 4, 2),
+        (32, 64, 4, 2),
+        (16, 64, 2, 2),
+        (16, 128, 4, 2),
     )
 ]
 FUSE = [  # (BLOCK_R, BLOCK_C, ROW_TILES, warps, stages); BLOCK_P: _block_p
@@ -153,6 +165,7 @@ def main() -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--sweep", default="hosts,fuse,update", help="which kernels' tilings to time")
     p.add_argument("--sites", default="", help="only the sites whose label starts with this")
+    p.add_argument("--batches", default="", help="only the sites of these batch sizes (comma-separated)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bench = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3  # noqa: E731
@@ -163,7 +176,9 @@ def main() -> int:
     )
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        for label, B, P, n, k, C in [s for s in SHAPES if s[0].startswith(args.sites)]:
+        batches = {int(b) for b in args.batches.split(",") if b}
+        sites = [s for s in SHAPES if s[0].startswith(args.sites) and (not batches or s[1] in batches)]
+        for label, B, P, n, k, C in sites:
             g = torch.Generator(device="cuda").manual_seed(0)
             x = torch.randn(B, P + n, C, device="cuda", dtype=dtype, generator=g)
             order = torch.rand(B, n, device="cuda", generator=g).argsort(dim=1)
