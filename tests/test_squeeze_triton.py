@@ -324,6 +324,43 @@ def test_interp_merge_other_tilings(one_block):
 
 
 @interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interp_small_grid_tiling(monkeypatch, dtype):
+    # Small batches take the host search's finer tiling (16-row pruned blocks, 32-row reserved
+    # tiles). Off CUDA it never would: pretend the device has more SMs than any grid here.
+    from tokenreduce.ops import squeeze_triton as st
+
+    monkeypatch.setattr(st, "_sm_count", lambda device: 10**9)
+    assert st._small_grid(1, 70, 40, st._block_p(40), torch.device("cpu"))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
+    for i, (B, Nr, Np, C) in enumerate([(2, 70, 40, 40), (1, 33, 17, 24), (1, 137, 59, 48)]):
+        r, p = randn(B, Nr, C, seed=60 + i, dtype=dtype), randn(B, Np, C, seed=70 + i, dtype=dtype)
+        y, hosts = st._squeeze_with_hosts(r, p)
+        check(r, p, y, hosts, host_tol=1e-6, **tol)
+    for i, (B, P, n, k, C) in enumerate([(2, 1, 90, 50, 40), (1, 2, 60, 30, 20)]):
+        x = randn(B, P + n, C, seed=80 + i, dtype=dtype)
+        kept, pruned = split_indices(B, n, k, seed=90 + i)
+        y, hosts = st._squeeze_tokens_with_hosts(x, kept, pruned, P)
+        check_indexed(x, kept, pruned, P, y, hosts, host_tol=1e-6, **tol)
+
+
+@needs_triton
+def test_small_grid_rule(monkeypatch):
+    # The finer tiling exactly when the default one would launch fewer programs than there are SMs.
+    from tokenreduce.ops import squeeze_triton as st
+
+    monkeypatch.setattr(st, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    # DeiT-S's first site at keep 0.7: 137 reserved (3 tiles of 64), 59 pruned (one block of 64).
+    assert st._small_grid(1, 137, 59, st._block_p(59), cuda)
+    assert st._small_grid(43, 137, 59, st._block_p(59), cuda)  # 129 programs
+    assert not st._small_grid(44, 137, 59, st._block_p(59), cuda)  # 132
+    assert not st._small_grid(256, 137, 59, st._block_p(59), cuda)
+    monkeypatch.undo()
+    assert not st._small_grid(1, 137, 59, st._block_p(59), torch.device("cpu"))  # no SMs to fill
+
+
+@interp
 def test_interp_indexed_strided_stream():
     from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts
 
@@ -549,8 +586,12 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
     }
     precision = "tf32x3" if dtype == "fp32" else "tf32"
     common = dict(HAS_IDX=has_idx, BLOCK_P=64, DOT_F32=False)
-    kernels = [  # the default (first) config of each autotuned kernel
+    kernels = [  # the default (first) config of each autotuned kernel, and the host search's small-grid one
         (st._squeeze_hosts_kernel, dict(EPS=1e-6, PRECISION=precision, **common, **st._hosts_tuned.configs[0].kwargs)),
+        (  # the small-grid tiling brings its own BLOCK_P
+            st._squeeze_hosts_kernel,
+            dict(EPS=1e-6, PRECISION=precision, **{**common, **st._hosts_small.configs[0].kwargs}),
+        ),
         (st._squeeze_fuse_kernel, dict(E=math.e, ONE_P=True, **common, **st._fuse_tuned.configs[0].kwargs)),
         (st._squeeze_fuse_kernel, dict(E=math.e, ONE_P=False, **common, **st._fuse_tuned.configs[0].kwargs)),
         (st._squeeze_update_kernel, dict(E=math.e, **common, **st._update_tuned.configs[0].kwargs)),

@@ -32,7 +32,9 @@ __all__ = [
     "_squeeze_fuse_kernel",
     "_squeeze_hosts_kernel",
     "_squeeze_update_kernel",
+    "HOSTS_SMALL_CONFIGS",
     "fuse_tuned",
+    "hosts_small",
     "hosts_tuned",
     "update_tuned",
 ]
@@ -333,12 +335,20 @@ def _configs(shapes: list[tuple], names: tuple[str, ...]) -> list:
 # The first entry of each list is the untuned default (the interpreter's only config). Why these
 # and what they measured: docs/kernels.md. BLOCK_P is not tuned (``squeeze_triton._block_p``).
 HOSTS_CONFIGS = [(64, 16, 4, 4)]  # (BLOCK_R, BLOCK_C, warps, stages): one, Inductor autotunes it too
+# Grids that would have fewer programs than the GPU has SMs (small batches): 16-row pruned blocks
+# and 32-row reserved tiles, so one image's search spreads over about 7x as many programs.
+HOSTS_SMALL_CONFIGS = [(16, 32, 16, 4, 4)]  # (BLOCK_P, BLOCK_R, BLOCK_C, warps, stages)
 FUSE_CONFIGS = [(32, 64, 1, 4, 2), (32, 32, 1, 4, 2), (16, 64, 1, 4, 2), (32, 128, 1, 4, 2)]  # + ROW_TILES
 UPDATE_CONFIGS = [(32, 64, 4, 2), (32, 128, 8, 2)]  # (BLOCK_R, BLOCK_C, warps, stages)
 # Tuned per problem size and dtype (Triton adds the tensor dtypes to the key). With more than
 # one config, every timed host search must start from the empty keys (restore_value).
 hosts_tuned = triton.autotune(
     _configs(HOSTS_CONFIGS, ("BLOCK_R", "BLOCK_C")), key=["Nr", "Np", "C", "HAS_IDX"], restore_value=["key_ptr"]
+)(_squeeze_hosts_kernel)
+hosts_small = triton.autotune(
+    _configs(HOSTS_SMALL_CONFIGS, ("BLOCK_P", "BLOCK_R", "BLOCK_C")),
+    key=["Nr", "Np", "C", "HAS_IDX"],
+    restore_value=["key_ptr"],
 )(_squeeze_hosts_kernel)
 fuse_tuned = triton.autotune(
     _configs(FUSE_CONFIGS, ("BLOCK_R", "BLOCK_C", "ROW_TILES")), key=["Nr", "Np", "C", "P", "HAS_IDX"]

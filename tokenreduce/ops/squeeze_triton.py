@@ -32,6 +32,7 @@ CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before trit
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,9 +54,11 @@ if HAVE_TRITON:
     # The raw kernels and their tilings, re-exported for benchmarks/squeeze_kernels.py and gpu.py.
     from ._squeeze_kernels import FUSE_CONFIGS as _FUSE_CONFIGS  # noqa: F401
     from ._squeeze_kernels import HOSTS_CONFIGS as _HOSTS_CONFIGS  # noqa: F401
+    from ._squeeze_kernels import HOSTS_SMALL_CONFIGS as _HOSTS_SMALL_CONFIGS  # noqa: F401
     from ._squeeze_kernels import UPDATE_CONFIGS as _UPDATE_CONFIGS  # noqa: F401
     from ._squeeze_kernels import _squeeze_fuse_kernel, _squeeze_hosts_kernel, _squeeze_update_kernel  # noqa: F401
     from ._squeeze_kernels import fuse_tuned as _fuse_tuned
+    from ._squeeze_kernels import hosts_small as _hosts_small
     from ._squeeze_kernels import hosts_tuned as _hosts_tuned
     from ._squeeze_kernels import update_tuned as _update_tuned
 
@@ -69,6 +72,27 @@ _ONE_BLOCK_P = 128  # up to this many pruned tokens per image are one block (rea
 def _block_p(Np: int) -> int:
     """The pruned block: all of them (a power of two, >= 16 for ``tl.dot``) or 64-token blocks."""
     return max(16, triton.next_power_of_2(Np)) if Np <= _ONE_BLOCK_P else 64
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device``; 0 elsewhere (the interpreter), where the
+    host search keeps its default tiling."""
+    if device.type != "cuda":
+        return 0
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _small_grid(B: int, Nr: int, Np: int, block_p: int, device: torch.device) -> bool:
+    """Whether the host search's default tiling would launch fewer programs than ``device`` has
+    SMs (batch 1 to ~40 at DeiT-S's sites on an H200): then its finer tiling runs instead. Batch 1
+    at DeiT-S's first site, fp32, on an H200: 10.7 against 17.7 us (docs/kernels.md)."""
+    programs = B * triton.cdiv(Nr, _HOSTS_CONFIGS[0][0]) * triton.cdiv(Np, block_p)
+    return programs < _sm_count(device)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -167,13 +191,16 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
     if p_src.stride(-1) != 1:
         p_src = r_src if same else p_src.contiguous()
     update = _ONE_BLOCK_P < Np < Nr  # the merge whose work (Np x Np, not Nr x Np) is smaller
-    hosts, hosts_opts = launcher(_hosts_tuned, traceable)
-    merge, merge_opts = launcher(_update_tuned if update else _fuse_tuned, traceable)
-    if hosts is not _hosts_tuned:  # traced into a graph
-        r_src = _realized(r_src)
-        p_src = r_src if same else _realized(p_src)
     B, _, C = r_src.shape
     dtype, dev = r_src.dtype, r_src.device
+    block_p = _block_p(Np)
+    small = _small_grid(B, Nr, Np, block_p, dev)
+    hosts_kernel = _hosts_small if small else _hosts_tuned
+    hosts, hosts_opts = launcher(hosts_kernel, traceable)
+    merge, merge_opts = launcher(_update_tuned if update else _fuse_tuned, traceable)
+    if hosts is not hosts_kernel:  # traced into a graph
+        r_src = _realized(r_src)
+        p_src = r_src if same else _realized(p_src)
     keys = torch.full((B, Np), KEY_LOWEST, device=dev, dtype=torch.int64)
     y = torch.empty((B, P + Nr, C), device=dev, dtype=dtype)
     has_idx = ridx is not None
@@ -181,20 +208,28 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
         ridx = pidx = keys
     idx_strides = (*ridx.stride(), *pidx.stride()) if has_idx else (0, 0, 0, 0)
     strides = (*r_src.stride()[:2], *p_src.stride()[:2], *idx_strides)
-    block_p = _block_p(Np)
     # DOT_F32: the interpreter multiplies bf16 tiles as their raw uint16 storage, so there every
     # dot operand is upcast (bf16 x bf16 products are exact in fp32: the same arithmetic).
-    common = dict(HAS_IDX=has_idx, BLOCK_P=block_p, DOT_F32=interpreting())
+    common = dict(HAS_IDX=has_idx, DOT_F32=interpreting())
     args = (r_src, p_src, ridx, pidx, keys)
     with device_guard(dev):
         if Np > 0 and Nr > 0:
-            hosts[lambda meta: (triton.cdiv(Nr, meta["BLOCK_R"]), triton.cdiv(Np, block_p), B)](
-                *args, Nr, Np, C, P, *strides, EPS=_EPS, PRECISION=_precision(dtype), **common, **hosts_opts
+            # The small-grid tiling brings its own pruned block; the default one takes _block_p's.
+            tiling = {} if small else {"BLOCK_P": block_p}
+            grid = lambda meta: (  # noqa: E731
+                triton.cdiv(Nr, meta["BLOCK_R"]),
+                triton.cdiv(Np, meta["BLOCK_P"] if small else block_p),
+                B,
+            )
+            hosts[grid](
+                *args, Nr, Np, C, P, *strides, EPS=_EPS, PRECISION=_precision(dtype), **common, **tiling, **hosts_opts
             )
         rows = P + Nr
         if update:
             grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), B)  # noqa: E731
-            merge[grid](*args, y, Nr, Np, C, P, *strides, *y.stride()[:2], E=math.e, **common, **merge_opts)
+            merge[grid](
+                *args, y, Nr, Np, C, P, *strides, *y.stride()[:2], E=math.e, BLOCK_P=block_p, **common, **merge_opts
+            )
         else:
             grid = lambda meta: (  # noqa: E731
                 triton.cdiv(C, meta["BLOCK_C"]),
@@ -202,7 +237,16 @@ def _launch(r_src, p_src, ridx, pidx, P, Nr, Np, traceable=False) -> tuple[torch
                 B,
             )
             merge[grid](
-                *args, y, Nr, Np, C, P, *strides, *y.stride()[:2], E=math.e, ONE_P=block_p >= Np, **common, **merge_opts
+                *args,
+                y,
+                *(Nr, Np, C, P),
+                *strides,
+                *y.stride()[:2],
+                E=math.e,
+                BLOCK_P=block_p,
+                ONE_P=block_p >= Np,
+                **common,
+                **merge_opts,
             )
     return y, keys
 
