@@ -38,6 +38,7 @@ __all__ = ["TrainProtocol", "TrainResult", "TrainRow", "measure_training"]
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 METHODS = ("dense", "dtps", "dynamicvit", "etps", "evit")
+_GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 _FIRST_GUESS_COMPILE_S = 90.0  # forward and backward graphs of a DeiT-S, until one has been timed
 
 
@@ -149,7 +150,10 @@ def _time(step: Callable[[], torch.Tensor], timing: Timing, p: TrainProtocol, de
         torch.cuda.reset_peak_memory_stats(device)
     timing.ms = round_robin({"step": call}, device, p.iters, 0, p.repeats)["step"]
     if device.type == "cuda":
-        timing.peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        if timing.mode not in _GRAPHED_MODES:
+            timing.peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:  # replays allocate nothing: the graphs' memory pool was taken before the reset
+            timing.note = "peak memory not measured: CUDA graphs hold their memory in a pool allocated at capture"
         timing.host_ms = host_ms(call)
         if p.kernels:
             kernels, _ = kernel_times(call, 3)
@@ -232,7 +236,8 @@ def _compile_and_time(
     loss = _time(fast, timing, p, device, base)
     more = int(counters["stats"]["unique_graphs"]) - timing.graphs
     if more:
-        timing.note = f"{more} more graph(s) compiled while timing (recompilation)"
+        recompiled = f"{more} more graph(s) compiled while timing (recompilation)"
+        timing.note = f"{timing.note}; {recompiled}" if timing.note else recompiled
     row.checks.setdefault("final_loss", {})[p.compile_mode] = loss
     say(f"    {row.variant} compiled: {timing.median_ms:.2f} ms per step, {timing.img_s:,.0f} img/s")
     return time.perf_counter() - t0
