@@ -176,16 +176,16 @@ def build_step(
     from timm.optim import create_optimizer_v2
 
     from ..keep import keep_targets
-    from ..train.loop import _criterion, _param_groups
+    from ..train.loop import param_groups, recipe_criterion
 
     learned = any(n.startswith(HEADS) for n, _ in student.named_parameters())
     recipe = train_recipe(method, learned, distill)
     teacher = copy.deepcopy(dense).eval().requires_grad_(False) if recipe.distill_weight > 0 else None
-    _, base = _criterion(recipe, num_classes)
+    _, base = recipe_criterion(recipe, num_classes)
     criterion = TokenReductionLoss(
         base, recipe.ratio_weight, recipe.distill_weight, recipe.token_loss, recipe.temperature
     )
-    groups, _ = _param_groups(student, dense, recipe)
+    groups, _ = param_groups(student, dense, recipe)
     optimizer = create_optimizer_v2(
         groups, opt=recipe.opt, lr=recipe.scaled_lr(x.shape[0]), weight_decay=recipe.weight_decay
     )

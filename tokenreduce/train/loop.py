@@ -30,7 +30,7 @@ from .losses import TokenReductionLoss
 from .recipes import Recipe, get_recipe
 from .state import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 
-__all__ = ["finetune", "evaluate", "FinetuneResult", "DEFAULT_RECIPES"]
+__all__ = ["finetune", "evaluate", "FinetuneResult", "DEFAULT_RECIPES", "param_groups", "recipe_criterion"]
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def evaluate(
     return result
 
 
-def _param_groups(student: nn.Module, dense: nn.Module, recipe: Recipe) -> tuple[list[dict], list[nn.Parameter]]:
+def param_groups(student: nn.Module, dense: nn.Module, recipe: Recipe) -> tuple[list[dict], list[nn.Parameter]]:
     """AdamW groups: score heads at lr_scale 1, the backbone at ``backbone_lr_scale``; no weight decay
     on 1-d parameters and ``no_weight_decay()`` names (timm's rule). Returns the groups and the
     backbone parameters (frozen for the first ``freeze_backbone_epochs``)."""
@@ -204,7 +204,10 @@ def _loaders(
     return train, val, data.num_classes, data.input_size
 
 
-def _criterion(recipe: Recipe, num_classes: int):
+def recipe_criterion(recipe: Recipe, num_classes: int) -> tuple[Any, nn.Module]:
+    """The recipe's batch mixing and base loss: ``(timm Mixup or None, loss)``; with mixup or
+    cutmix the loss takes soft targets (timm's ``SoftTargetCrossEntropy``), else label smoothing
+    or plain cross-entropy on labels."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -358,7 +361,7 @@ def finetune(
     targets = keep_targets(student) if learned else None
     num_prefix = _num_prefix(student) if method is not None else 0
 
-    groups, backbone = _param_groups(student, dense, recipe)
+    groups, backbone = param_groups(student, dense, recipe)
     global_batch = batch_size * info.world_size
     lr = recipe.scaled_lr(global_batch)
     optimizer = create_optimizer_v2(groups, opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay)
@@ -373,7 +376,7 @@ def finetune(
         updates_per_epoch=len(train_loader),
     )
     scaler = torch.amp.GradScaler(dev.type) if dt is torch.float16 else None
-    mixup, base = _criterion(recipe, num_classes)
+    mixup, base = recipe_criterion(recipe, num_classes)
     criterion = TokenReductionLoss(
         base, recipe.ratio_weight, recipe.distill_weight, recipe.token_loss, recipe.temperature
     )
