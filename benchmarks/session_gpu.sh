@@ -42,7 +42,7 @@ say() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$LOG"; }
 
 VITS=${VITS:-"deit_small_patch16_224@384 deit_base_patch16_384 vit_small_patch16_rope_224 beit_base_patch16_224 eva02_small_patch14_224"}
 VIT_ARGS=${VIT_ARGS:-"--methods etps,dtps --ratios 0.7 --timings 256:default"}
-VIT_ARGS="$VIT_ARGS --iters 20 --warmup 5 --repeats 5"
+VIT_ARGS="--iters 20 --warmup 5 --repeats 5 $VIT_ARGS"  # defaults first: VIT_ARGS may override them
 WARM_METHODS=${WARM_METHODS:-"etps dtps"}  # one phase-1 process per ViT and method
 HYBRIDS=${HYBRIDS-"pvt_tiny:0.7 cvt_13:0.5"}  # NAME:RATIO, profiled dense against dtps (the papers' ratios)
 HYB_ARGS="--methods dtps --timings 256:default"

@@ -330,10 +330,22 @@ def test_interp_small_grid_tiling(monkeypatch, dtype):
     # tiles). Off CUDA it never would: pretend the device has more SMs than any grid here.
     from tokenreduce.ops import squeeze_triton as st
 
+    class Spy:  # counts the launches of the small-grid kernel
+        def __init__(self, kernel):
+            self.kernel, self.launches = kernel, 0
+
+        def __getitem__(self, grid):
+            self.launches += 1
+            return self.kernel[grid]
+
     monkeypatch.setattr(st, "_sm_count", lambda device: 10**9)
+    spy = Spy(st._hosts_small)
+    monkeypatch.setattr(st, "_hosts_small", spy)
     assert st._small_grid(1, 70, 40, st._block_p(40), torch.device("cpu"))
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
-    for i, (B, Nr, Np, C) in enumerate([(2, 70, 40, 40), (1, 33, 17, 24), (1, 137, 59, 48)]):
+    # the last two: the fuse kernel's loop over pruned blocks (Np > 128), the update kernel (128 < Np < Nr)
+    shapes = [(2, 70, 40, 40), (1, 33, 17, 24), (1, 137, 59, 48), (1, 100, 140, 20), (1, 150, 140, 20)]
+    for i, (B, Nr, Np, C) in enumerate(shapes):
         r, p = randn(B, Nr, C, seed=60 + i, dtype=dtype), randn(B, Np, C, seed=70 + i, dtype=dtype)
         y, hosts = st._squeeze_with_hosts(r, p)
         check(r, p, y, hosts, host_tol=1e-6, **tol)
@@ -342,6 +354,7 @@ def test_interp_small_grid_tiling(monkeypatch, dtype):
         kept, pruned = split_indices(B, n, k, seed=90 + i)
         y, hosts = st._squeeze_tokens_with_hosts(x, kept, pruned, P)
         check_indexed(x, kept, pruned, P, y, hosts, host_tol=1e-6, **tol)
+    assert spy.launches == len(shapes) + 2  # every host search above ran the small-grid tiling
 
 
 @needs_triton
@@ -615,13 +628,24 @@ def test_kernels_compile_for_hopper(dtype, has_idx):
 
 
 # --------------------------------------------------------------------------------- CUDA
+@pytest.fixture(params=["default-tiling", "small-grid-tiling"])
+def tiling(request, monkeypatch):
+    """Both host-search tilings on every shape: the rule would pick the small-grid one for most
+    of these small batches, so each test runs once with it forced off and once forced on."""
+    from tokenreduce.ops import squeeze_triton as st
+
+    sms = 0 if request.param == "default-tiling" else 10**9
+    monkeypatch.setattr(st, "_sm_count", lambda device: sms)
+    return request.param
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "size", [(8, 137, 59, 384), (3, 17, 70, 100), (4, 98, 98, 768), (2, 5, 1, 3), (3, 300, 200, 96), (3, 150, 200, 96)]
 )  # 128 < Np: the update kernel, the fuse's loop
-def test_cuda_matches_oracle(dtype, size):
+def test_cuda_matches_oracle(dtype, size, tiling):
     from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts, squeeze_triton
 
     B, Nr, Np, C = size
@@ -637,7 +661,7 @@ def test_cuda_matches_oracle(dtype, size):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
-def test_cuda_huge_norms_and_non_finite_tokens():
+def test_cuda_huge_norms_and_non_finite_tokens(tiling):
     # The interpreter tests' cases on the compiled kernels: overflowing norms keep every host in
     # range; a NaN / inf token leaves the other images exact and every host in range (both merges).
     from tokenreduce.ops.squeeze_triton import _squeeze_with_hosts
@@ -659,7 +683,7 @@ def test_cuda_huge_norms_and_non_finite_tokens():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_agrees_with_project_reference(dtype):
+def test_cuda_agrees_with_project_reference(dtype, tiling):
     ref = pytest.importorskip("tokenreduce.ops.squeeze", reason="ops/squeeze.py not written yet")
     from tokenreduce.ops.squeeze_triton import squeeze_triton
 
@@ -697,7 +721,7 @@ def test_cuda_op_dispatches_to_triton_and_passes_opcheck():
 @pytest.mark.skipif(not HAVE_CUDA or not HAVE_TRITON, reason="needs a CUDA device and triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("size", [(8, 1, 196, 137, 384), (4, 0, 784, 549, 64), (3, 2, 70, 33, 100)])
-def test_cuda_indexed_matches_oracle(dtype, size):
+def test_cuda_indexed_matches_oracle(dtype, size, tiling):
     from tokenreduce.ops.squeeze_triton import _squeeze_tokens_with_hosts, squeeze_tokens_triton
 
     B, P, n, k, C = size

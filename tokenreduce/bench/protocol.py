@@ -13,6 +13,7 @@ __all__ = ["AMP", "MODES", "Protocol", "Result", "Row", "Timing", "Variant"]
 AMP = ("bf16", "fp16", "none")
 # "eager" is no compilation; the others are torch.compile(mode=...) ("default": no mode given).
 MODES = ("eager", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that replay CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class Timing:
     kernel_us: float | None = None  # kernels: GPU time per call, summed over kernels
     reduction_us: float | None = None  # the part of kernel_us that selects and merges tokens
     top_kernels: dict[str, float] | None = None
-    note: str | None = None  # why this timing is missing (error, skipped)
+    note: str | None = None  # why this timing is missing (error, skipped) or what it does not measure
 
     @property
     def median_ms(self) -> float | None:

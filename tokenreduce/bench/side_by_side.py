@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .env import environment, load_average
-from .protocol import Protocol, Result, Row, Timing
-from .timing import host_ms, kernel_times, reduction_us, round_robin
+from .protocol import GRAPHED_MODES, Protocol, Result, Row, Timing
+from .timing import host_ms, kernel_times, reduction_us, round_robin, top_kernels
 from .variants import build_variants, short_error
 
 __all__ = ["compile_variants", "measure", "measure_variants"]
@@ -59,16 +59,18 @@ def _peak_mib(m: nn.Module, fn: Callable[[], object], x: torch.Tensor, device: t
 def _extras(
     timing: Timing, m: nn.Module, fn: Callable[[], object], x: torch.Tensor, protocol: Protocol, device: torch.device
 ) -> None:
-    """CUDA only: peak memory, host launch time and (``kernels``) kernel times of one timing."""
+    """CUDA only: peak memory (not under CUDA graphs, whose replays allocate nothing: their
+    memory pool was taken at capture), host launch time and (``kernels``) kernel times."""
     if device.type != "cuda":
         return
-    timing.peak_mib = _peak_mib(m, fn, x, device)
+    if timing.mode not in GRAPHED_MODES:
+        timing.peak_mib = _peak_mib(m, fn, x, device)
     timing.host_ms = host_ms(fn)
     if protocol.kernels:
         kernels, _ = kernel_times(fn, 5)
         timing.kernel_us = sum(kernels.values())
         timing.reduction_us = reduction_us(kernels)
-        timing.top_kernels = {k[:90]: round(v, 1) for k, v in list(kernels.items())[:15]}
+        timing.top_kernels = top_kernels(kernels)
 
 
 def _compile(m: nn.Module, mode: str, x: torch.Tensor, ctx) -> tuple[Callable[[], object], Timing]:

@@ -14,7 +14,16 @@ from typing import Callable, Mapping
 
 import torch
 
-__all__ = ["REDUCTION_KERNELS", "graphed", "host_ms", "kernel_times", "reduction_us", "round_robin", "time_calls"]
+__all__ = [
+    "REDUCTION_KERNELS",
+    "graphed",
+    "host_ms",
+    "kernel_times",
+    "reduction_us",
+    "round_robin",
+    "time_calls",
+    "top_kernels",
+]
 
 # Kernels that belong to choosing and merging tokens. Not plain "squeeze": Inductor names the
 # kernels that consume the operator's output after it too. FillFunctor: the host keys' fill.
@@ -118,6 +127,15 @@ def kernel_times(fn: Callable[[], object], iters: int = 5) -> tuple[dict[str, fl
         if evt.device_type == DeviceType.CUDA:
             kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.device_time_total / iters
     return dict(sorted(kernels.items(), key=lambda kv: -kv[1])), prof
+
+
+def top_kernels(kernels: Mapping[str, float], n: int = 15, width: int = 90) -> dict[str, float]:
+    """The ``n`` largest of ``kernels`` (name -> us, largest first) with names cut to ``width``
+    characters, for a JSON record; kernels whose cut names coincide are summed."""
+    out: dict[str, float] = {}
+    for name, us in list(kernels.items())[:n]:
+        out[name[:width]] = round(out.get(name[:width], 0.0) + us, 1)
+    return out
 
 
 def reduction_us(kernels: Mapping[str, float]) -> float:

@@ -28,8 +28,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .env import environment, load_average
-from .protocol import Timing, timed_rows
-from .timing import host_ms, kernel_times, round_robin
+from .protocol import GRAPHED_MODES, Timing, timed_rows
+from .timing import host_ms, kernel_times, round_robin, top_kernels
 from .training_step import TrainStep, build_step, check_step
 from .variants import short_error, tokens_after_sites
 
@@ -38,7 +38,6 @@ __all__ = ["TrainProtocol", "TrainResult", "TrainRow", "measure_training"]
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 METHODS = ("dense", "dtps", "dynamicvit", "etps", "evit")
-_GRAPHED_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 _FIRST_GUESS_COMPILE_S = 90.0  # forward and backward graphs of a DeiT-S, until one has been timed
 
 
@@ -137,7 +136,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _time(step: Callable[[], torch.Tensor], timing: Timing, p: TrainProtocol, device: torch.device, base: int) -> float:
-    """Fill ``timing`` (ms per step; on CUDA peak MiB and host ms); returns the last step's loss."""
+    """Fill ``timing``: ms per step; on CUDA the peak MiB (not under CUDA graphs, with a note), the
+    host ms and (``kernels``) the kernel times. Returns the last step's loss."""
     last: list[torch.Tensor] = []
 
     def call() -> None:
@@ -150,7 +150,7 @@ def _time(step: Callable[[], torch.Tensor], timing: Timing, p: TrainProtocol, de
         torch.cuda.reset_peak_memory_stats(device)
     timing.ms = round_robin({"step": call}, device, p.iters, 0, p.repeats)["step"]
     if device.type == "cuda":
-        if timing.mode not in _GRAPHED_MODES:
+        if timing.mode not in GRAPHED_MODES:
             timing.peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:  # replays allocate nothing: the graphs' memory pool was taken before the reset
             timing.note = "peak memory not measured: CUDA graphs hold their memory in a pool allocated at capture"
@@ -158,7 +158,7 @@ def _time(step: Callable[[], torch.Tensor], timing: Timing, p: TrainProtocol, de
         if p.kernels:
             kernels, _ = kernel_times(call, 3)
             timing.kernel_us = sum(kernels.values())
-            timing.top_kernels = {k[:90]: round(v, 1) for k, v in list(kernels.items())[:15]}
+            timing.top_kernels = top_kernels(kernels)
     return float(last[0].detach()) if last else float("nan")
 
 

@@ -87,10 +87,11 @@ def _sm_count(device: torch.device) -> int:
     return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _small_grid(B: int, Nr: int, Np: int, block_p: int, device: torch.device) -> bool:
+def _small_grid(B: int | torch.SymInt, Nr: int, Np: int, block_p: int, device: torch.device) -> bool:
     """Whether the host search's default tiling would launch fewer programs than ``device`` has
     SMs (batch 1 to ~40 at DeiT-S's sites on an H200): then its finer tiling runs instead. Batch 1
-    at DeiT-S's first site, fp32, on an H200: 10.7 against 17.7 us (docs/kernels.md)."""
+    at DeiT-S's first site, fp32, on an H200: 10.7 against 17.7 us (docs/kernels.md). Traced with
+    a symbolic batch size, the comparison is a guard: a batch across the threshold recompiles."""
     programs = B * triton.cdiv(Nr, _HOSTS_CONFIGS[0][0]) * triton.cdiv(Np, block_p)
     return programs < _sm_count(device)
 

@@ -30,7 +30,7 @@ from .losses import TokenReductionLoss
 from .recipes import Recipe, get_recipe
 from .state import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 
-__all__ = ["finetune", "evaluate", "FinetuneResult", "DEFAULT_RECIPES", "param_groups", "recipe_criterion"]
+__all__ = ["finetune", "evaluate", "FinetuneResult", "DEFAULT_RECIPES"]
 
 log = logging.getLogger(__name__)
 
