@@ -66,11 +66,15 @@ class ValueTracer(Tracer):
     Args:
         example: the image batch (B, C, H, W) the root's one input receives.
         leaf_types: module classes kept opaque in addition to the registered leaves.
+        through: registered leaf classes traced through after all (their Python control flow is
+            decided by the example).
     """
 
-    def __init__(self, example: torch.Tensor, leaf_types: tuple[type, ...] = ()) -> None:
+    def __init__(
+        self, example: torch.Tensor, leaf_types: tuple[type, ...] = (), through: tuple[type, ...] = ()
+    ) -> None:
         super().__init__()
-        self._leaf_types = self._leaf_types + tuple(leaf_types)
+        self._leaf_types = tuple(t for t in self._leaf_types if t not in through) + tuple(leaf_types)
         self._example = example
         self._values: dict[fx.Node, Any] = {}
         self.specialised: list[str] = []  # nodes whose value decided Python control flow

@@ -59,6 +59,19 @@ def register_leaf_function(fn: F) -> F:
     return fn
 
 
+def _timm_registry() -> tuple[set[type], set[Callable]]:
+    """timm's own no-trace registries (``timm.layers._fx``; ``timm.models._features_fx`` before
+    ~1.0.9): modules and functions timm marks as not symbolically traceable."""
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        try:
+            from timm.models import _features_fx as timm_fx
+        except ImportError:  # pragma: no cover
+            return set(), set()
+    return set(getattr(timm_fx, "_leaf_modules", set())), set(getattr(timm_fx, "_autowrap_functions", set()))
+
+
 def _timm_leaves() -> tuple[set[type], set[Callable]]:
     from timm.layers import DropPath, PatchDropout, resample_abs_pos_embed
 
@@ -67,16 +80,32 @@ def _timm_leaves() -> tuple[set[type], set[Callable]]:
     modules: set[type] = {DropPath, PatchDropout}
     # Branches on the runtime grid size (dynamic_img_size ViTs); timm wraps it only since ~1.0.9.
     functions: set[Callable] = {resample_abs_pos_embed}
-    try:  # timm's own no-trace registries (timm.layers._fx; timm.models._features_fx before ~1.0.9)
-        from timm.layers import _fx as timm_fx
-    except ImportError:
-        try:
-            from timm.models import _features_fx as timm_fx
-        except ImportError:  # pragma: no cover
-            return modules, functions
-    modules |= set(getattr(timm_fx, "_leaf_modules", set()))
-    functions |= set(getattr(timm_fx, "_autowrap_functions", set()))
-    return modules, functions
+    registry_modules, registry_functions = _timm_registry()
+    return modules | registry_modules, functions | registry_functions
+
+
+_QKV_NAMES = {"qkv", "qk", "q", "kv", "to_qkv", "query"}
+
+
+def holds_attention(module: nn.Module) -> bool:
+    """Whether ``module`` looks like an attention module: a composite named like attention or
+    holding q/k/v projections."""
+    children = dict(module.named_children())
+    return bool(children) and ("att" in type(module).__name__.lower() or bool(_QKV_NAMES & children.keys()))
+
+
+def _attention_leaves(model: nn.Module) -> tuple[type, ...]:
+    """Classes of timm's no-trace registry in ``model`` that hold attention (ConViT's GPSA, which
+    branches on the token count; Twins' LocallyGroupedAttn, on the grid size): a plain trace
+    keeps them opaque, so their blocks could not be reduced. Not user-registered leaves."""
+    registry, _ = _timm_registry()
+    classes = {type(m) for m in model.modules() if type(m) in registry and type(m) not in _LEAF_MODULES}
+    return tuple(
+        sorted(
+            (c for c in classes if any(holds_attention(m) for m in model.modules() if type(m) is c)),
+            key=lambda c: c.__name__,
+        )
+    )
 
 
 class Tracer(ConfinedTracer):
@@ -115,6 +144,94 @@ def hooked_modules(model: nn.Module) -> list[str]:
     """The modules of ``model`` that tracing flattens away and that carry hooks, as
     ``"path (Class): kinds"``; see :func:`tokenreduce._hooks.hooked_modules`."""
     return _hooks.hooked_modules(model, Tracer())
+
+
+def _same(a: Any, b: Any) -> bool:
+    la, lb = tree_leaves(a), tree_leaves(b)
+    return len(la) == len(lb) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y
+        for x, y in zip(la, lb)
+    )
+
+
+def _scope(node: fx.Node, classes: tuple[type, ...]) -> tuple[str, type] | None:
+    """The innermost module of one of ``classes`` that ``node`` was traced in, as (path, class)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(((p, c) for p, c in reversed(list(stack.values())) if c in classes), None)
+
+
+def _partial_attention(gm: fx.GraphModule, through: tuple[type, ...]) -> list[str]:
+    """Names of the classes in ``through`` whose traced attention is not over their whole input
+    sequence: a softmax or sdpa whose (queries, keys) are not (N, N) for the module's (B, N, C)
+    input (Twins' windows), or none at all (linear attention)."""
+    inputs: dict[str, int] = {}
+    softmaxes: list[tuple[str, type, tuple[int, ...]]] = []
+    members: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:  # in graph order: a module's input is the first one its nodes read
+        scope = _scope(node, through)
+        if scope is not None:
+            members.setdefault(scope[0], []).append(node)
+    for path, nodes in members.items():
+        inside = set(nodes)
+        for node in nodes:
+            for a in node.all_input_nodes:
+                meta = a.meta.get("tensor_meta")
+                if a not in inside and hasattr(meta, "shape") and len(meta.shape) == 3 and path not in inputs:
+                    inputs[path] = meta.shape[1]
+            meta = node.meta.get("tensor_meta")
+            name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+            if name == "softmax" and hasattr(meta, "shape"):  # (..., queries, keys)
+                softmaxes.append((path, _scope(node, through)[1], tuple(meta.shape)))
+            elif name == "scaled_dot_product_attention" and len(node.args) > 1:
+                q, k = (a.meta.get("tensor_meta") for a in node.args[:2])
+                if hasattr(q, "shape") and hasattr(k, "shape"):
+                    softmaxes.append((path, _scope(node, through)[1], (q.shape[-2], k.shape[-2])))
+    bad = {c.__name__ for path, c, shape in softmaxes if shape[-2:] != (inputs.get(path),) * 2}
+    bad |= {c.__name__ for c in through} - {c.__name__ for _, c, _ in softmaxes}  # no softmax attention at all
+    return sorted(bad)
+
+
+def _capture_through(model: nn.Module, example: torch.Tensor, through: tuple[type, ...]) -> fx.GraphModule | None:
+    """``model`` traced with :class:`~tokenreduce._value_tracer.ValueTracer`, the attention
+    leaves ``through`` traced through (their Python checks decided by the example, buffers read
+    as graph nodes), or None when that trace fails or its graph does not give the model's own
+    output on ``example`` bit for bit (the caller then keeps them opaque). Runs ``model`` once on
+    ``example`` in eval mode (its forward hooks fire), then restores every module's mode."""
+    from ._value_tracer import ValueTracer
+
+    names = ", ".join(c.__name__ for c in through)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():  # the model's own call also builds buffers made on first use (GPSA's rel_indices)
+            expected = model(example)
+        tracer = ValueTracer(example, through=through)
+        tracer.proxy_buffer_attributes = True
+        _hooks.check_hooks(model, tracer)
+        concrete = _signature.bound_defaults(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
+        _signature.drop_bound_placeholders(graph)
+        gm = fx.GraphModule(model, graph, type(model).__name__)
+        gm.eval()
+        with torch.no_grad():
+            got = _ShapeProp(gm).propagate(example)
+    except Exception as exc:  # noqa: BLE001 - the plain trace (with these modules opaque) is the fallback
+        log.debug("capture: tracing through %s failed (%s: %s); they stay opaque", names, type(exc).__name__, exc)
+        return None
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if not _same(got, expected):
+        log.debug("capture: tracing through %s changed the output; they stay opaque", names)
+        return None
+    partial = _partial_attention(gm, through)
+    if partial:  # windows, linear attention: nothing to reduce inside; opaque, the probe names them better
+        log.debug("capture: %s attend within parts of their input; they stay opaque", ", ".join(partial))
+        rest = tuple(c for c in through if c.__name__ not in partial)
+        return _capture_through(model, example, rest) if rest else None
+    gm.train(modes[model])
+    log.debug("captured %s with %s traced through: %d nodes", type(model).__name__, names, len(graph.nodes))
+    return gm
 
 
 class _ShapeProp(ShapeProp):
@@ -187,7 +304,9 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
 
     Args:
         model: the module to trace; it is not modified, except that a ``transformers`` model is
-            switched to tokenreduce's attention implementation (:mod:`tokenreduce.hf`): pass a copy.
+            switched to tokenreduce's attention implementation (:mod:`tokenreduce.hf`), and that a
+            model holding attention timm keeps opaque is run once on ``example`` in eval mode
+            (buffers built on first use, as GPSA's, are built): pass a copy.
         example: an input batch, e.g. ``(2, 3, 224, 224)``; shapes in the graph refer to it.
 
     Returns:
@@ -200,6 +319,12 @@ def capture(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             forward needs more than one input; the example batch does not run through the graph
             (the message gives the node, the underlying error and the likely fix).
     """
+    if not hf.is_hf_model(model):
+        through = _attention_leaves(model)
+        if through:  # attention timm keeps opaque: traced through by value where that reproduces the model
+            gm = _capture_through(model, example, through)
+            if gm is not None:
+                return gm
     root, tracer = model, Tracer()
     if hf.is_hf_model(model):  # traced through a one-input root, beside the example's values
         from ._value_tracer import ValueTracer

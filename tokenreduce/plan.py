@@ -186,6 +186,16 @@ def make_plan(
                     f"such as PiT's class token carried between stages, is not a prefix it can see); reduce a "
                     f"stage whose grid holds all its patch tokens, or no stage of this model"
                 )
+        carried = next((p for p in sites if p.stage in model_map.stream_stages(block.stage)[1:]), None)
+        if carried is not None:
+            entry = next(b.path for b in model_map.blocks if b.stage == block.stage)
+            raise TokenReduceError(
+                f"{method.name}: stage {block.stage} of {model_map.model_name} (from '{entry}') continues the "
+                f"token stream of stage {carried.stage} with no grid in between (its token count changes there, "
+                f"as where a class token is inserted), and the site at '{carried.path}' already removed tokens of "
+                f"that stream, so the token counts of the site at '{block.path}' would not hold; place every "
+                f"site in one of the two stages"
+            )
         extra = method.reducer.extra_tokens
         if extra and any(g.stage == block.stage for g in model_map.to_grid):
             raise TokenReduceError(

@@ -31,8 +31,9 @@ _SOFTMAX_FNS = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _MATMUL_FNS = {operator.matmul, torch.matmul, torch.bmm}
 _MUL_FNS = {operator.mul, torch.mul, operator.imul}
 _DIV_FNS = {operator.truediv, torch.div, torch.true_divide, operator.itruediv}
-# how far back from the softmax the q @ k^T product may be
+# how far back from the softmax the q @ k^T product may be, and how far ahead the probs @ v
 _MAX_SCORE_OPS = 8
+_MAX_PROB_OPS = 6
 
 
 def _arg(node: fx.Node, i: int, name: str):
@@ -180,14 +181,31 @@ def _explicit(softmax: fx.Node) -> Attention | None:
         return None
     q, factor = _unscaled(q)
     scale = _times(scale, factor)
-    v = None
-    for user in softmax.users:  # probabilities (maybe after dropout) @ v
-        cur = user
-        if cur.op == "call_module" or (cur.op == "call_function" and cur.target is F.dropout):
-            cur = next(iter(cur.users), None)
-        if cur is not None and _is_matmul(cur):
-            v = cur.args[1]
+    product = _probs_product(softmax)
+    v = product.args[1] if product is not None else None
     return _found("softmax", softmax, q, k, v, scale)
+
+
+def _probs_product(softmax: fx.Node) -> fx.Node | None:
+    """The ``probs @ v`` product that reads ``softmax``'s probabilities: straight away or after
+    ops that keep their (B, H, N, N) shape (dropout, a renormalisation, a mix with another
+    probability map, as ConViT's gated positional attention adds one and renormalises)."""
+    shape = shape_of(softmax)
+    frontier, seen = [softmax], {softmax}
+    for _ in range(_MAX_PROB_OPS):
+        ahead = []
+        for node in frontier:
+            for user in node.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if _is_matmul(user):
+                    if user.args[0] is node:
+                        return user
+                elif user.op in ("call_function", "call_method", "call_module") and shape_of(user) == shape:
+                    ahead.append(user)
+        frontier = ahead
+    return None
 
 
 def find_attention(graph: fx.Graph) -> list[Attention]:

@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture import holds_attention
 from ..errors import TokenReduceError
 from ._found import FoundAttention, FoundBlock
 from .attention import _MAX_SCORE_OPS, _is_matmul, _is_softmax, _score_product, _softmax_module, _untranspose
@@ -30,7 +31,6 @@ __all__ = [
     "unrecognised",
 ]
 
-_QKV_NAMES = {"qkv", "qk", "q", "kv", "to_qkv", "query"}
 
 GRID = "attention over a (B, H, W, C) feature map (windowed or grid attention)"
 
@@ -121,8 +121,7 @@ def opaque_attention(gm: fx.GraphModule) -> list[str]:
         if node.op != "call_module":
             continue
         module = gm.get_submodule(str(node.target))
-        children = dict(module.named_children())
-        if children and ("att" in type(module).__name__.lower() or _QKV_NAMES & children.keys()):
+        if holds_attention(module):
             out.append(f"'{node.target}' ({type(module).__name__})")
     return out
 

@@ -116,6 +116,17 @@ class ModelMap:
     def block(self, index: int) -> Block:
         return self.blocks[index]
 
+    def stream_stages(self, stage: int) -> tuple[int, ...]:
+        """``stage`` and the earlier stages whose token stream it continues, latest first: a stage
+        follows on from the one before unless that one lays its tokens on a grid (PVT, CvT). A
+        stage entered by inserting a class token (ConViT's blocks after ``local_up_to_layer``)
+        carries the tokens of the one before, and what a site there removed."""
+        grids = {g.stage for g in self.to_grid}
+        out = [stage]
+        while out[-1] > 0 and out[-1] - 1 not in grids:
+            out.append(out[-1] - 1)
+        return tuple(out)
+
     @property
     def paths(self) -> tuple[str, ...]:
         return tuple(b.path for b in self.blocks)

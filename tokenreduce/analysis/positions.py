@@ -3,10 +3,12 @@ queries, keys or attention logits.
 
 Rotary tables (``q * cos + rot(q) * sin``, a token axis against q's and k's), relative position
 bias or its index table once it is a bias (both token axes of the logits, often as sdpa's
-``attn_mask``) and positional attention terms mixed into the probabilities (ConViT) all look the
-same in the graph: an operand that does not depend on the image, broadcast against a tensor that
-does, with a dimension as long as the token sequence. Once tokens are removed these tensors must
-be indexed by the kept tokens' original positions; :mod:`tokenreduce.passes.positions` does that.
+``attn_mask``) and positional attention terms mixed into the probabilities (ConViT's
+``sigmoid(g) * softmax(pos_logits)``: found at the logits of that softmax, so that it runs over
+the kept keys) all look the same in the graph: an operand that does not depend on the image,
+broadcast against a tensor that does, with a dimension as long as the token sequence. Once
+tokens are removed these tensors must be indexed by the kept tokens' original positions;
+:mod:`tokenreduce.passes.positions` does that.
 
 Where they meet:
 
@@ -28,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from ._found import FoundBlock
+from .attention import _is_softmax
 from .graph import is_tensor, shape_of
 
 __all__ = ["FoundPosition", "find_positions"]
@@ -98,6 +101,23 @@ def _fill(g: nx.DiGraph, node: fx.Node, other: fx.Node, after_entry: set[fx.Node
     return 0.0 if rotated else 1.0
 
 
+def _positional_softmax(table: fx.Node, depth: int = 4) -> fx.Node | None:
+    """The softmax whose probabilities ``table`` is, maybe scaled by a gate that has no token
+    axes: ConViT mixes ``sigmoid(g) * softmax(pos_logits)`` into the patch probabilities. Such
+    a term follows the tokens as its logits do, so that its softmax runs over the kept keys."""
+    node = table
+    for _ in range(depth):
+        if _is_softmax(node) and len(shape_of(node) or ()) == 4:
+            return node
+        if not _binary(node):
+            return None
+        full = [a for a in node.args[:2] if is_tensor(a) and shape_of(a) == shape_of(node)]
+        if len(full) != 1:
+            return None
+        node = full[0]
+    return None
+
+
 def _aligned(table: tuple[int, ...], rank: int, axis: int) -> int | None:
     """Size of ``table``'s dimension broadcast against dimension ``axis`` of a rank-``rank``
     operand (right-aligned), or None when the table has no such dimension."""
@@ -132,6 +152,7 @@ def find_positions(
         if b.attn.record.kind == "softmax" and b.attn.v is not None:  # probs @ v: the matmul reading v
             out = next((u for u in b.attn.v.users if u in nx.descendants(g, b.attn.node)), b.attn.node)
         logit = nx.descendants(g, b.attn.q) & nx.descendants(g, b.attn.k) & (nx.ancestors(g, out) | {out})
+        probs = logit & nx.descendants(g, b.attn.node) if b.attn.record.kind == "softmax" else set()
         for node in sorted(qk | logit, key=order.__getitem__):
             if node is b.attn.node and b.attn.record.kind == "sdpa":
                 mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
@@ -151,6 +172,13 @@ def find_positions(
                 continue
             for i, (table, other) in enumerate(((args[0], args[1]), (args[1], args[0]))):
                 if table in image or other not in image:
+                    continue
+                positional = _positional_softmax(table) if node in probs else None
+                if positional is not None:  # positional attention: its logits follow the tokens
+                    logits = shape_of(positional.args[0])
+                    use = _use(b, positional, 0, logits, shape_of(other), True, heads, lengths, P, 4, additive=True)
+                    if use is not None:
+                        found.append(use)
                     continue
                 use = _use(
                     b,

@@ -48,7 +48,8 @@ def add_aux_output(gm: fx.GraphModule, model_map: ModelMap, plan: Plan) -> fx.Gr
         if model_map.final_tokens is not None:
             tokens = find(graph, "tokens", 0, user="pass add_aux_output")
             final_stage = model_map.blocks[-1].stage
-            last = [st for st, s in zip(states, plan.sites) if s.stage == final_stage]
+            stream = model_map.stream_stages(final_stage)
+            last = [st for st, s in zip(states, plan.sites) if s.stage in stream]
             token_keep = graph.call_function(final_keep, (tokens, last[-1] if last else None))
         aux = graph.call_function(make_aux, (tuple(keeps), tokens, token_keep, tuple(hosts)))
     output.args = ((output.args[0], aux),)

@@ -72,7 +72,10 @@ def site_states(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if "state_of" in tags(n)]
 
 
-def state_before(states: list[fx.Node], order: dict[fx.Node, int], stage: int, node: fx.Node) -> fx.Node | None:
-    """The last of ``states`` (graph order) of ``stage`` before ``node`` (``order``: a node's place in the
-    graph); None when no site of that stage comes before it."""
-    return next((s for s in reversed(states) if tags(s)["stage"] == stage and order[s] < order[node]), None)
+def state_before(
+    states: list[fx.Node], order: dict[fx.Node, int], stages: int | tuple[int, ...], node: fx.Node
+) -> fx.Node | None:
+    """The last of ``states`` (graph order) of ``stages`` (one stage, or a token stream's stages)
+    before ``node`` (``order``: a node's place in the graph); None when no such site comes before it."""
+    stages = (stages,) if isinstance(stages, int) else stages
+    return next((s for s in reversed(states) if tags(s)["stage"] in stages and order[s] < order[node]), None)

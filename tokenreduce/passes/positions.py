@@ -61,7 +61,7 @@ def gather_positions(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModule:
     for i, use in enumerate(model_map.positions):
         node = find(graph, "position", i, user="pass gather_positions")
         block = model_map.block(use.block)
-        state = state_before(states, order, block.stage, node)
+        state = state_before(states, order, model_map.stream_stages(block.stage), node)
         if state is None:
             continue
         site = sites[tags(state)["state_of"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..analysis import ModelMap
+from ..analysis.attention import _is_softmax
 from ..anchors import find, move
 from ..plan import Plan
 from ..runtime.attention import attend, masked_probs
@@ -17,11 +18,13 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 @graph_pass
 def route_policy(gm: fx.GraphModule, model_map: ModelMap, plan: Plan) -> fx.GraphModule:
-    """Make every attention from a site to the end of its stage read that site's keep policy.
+    """Make every attention from a site to the end of its token stream (its stage, and the stages
+    that carry it on: :meth:`ModelMap.stream_stages`) read that site's keep policy.
 
     Expects: :func:`insert_sites` ran on ``gm``. Guarantees: in eval mode the graph computes
     exactly what it did (the wrapped calls fall through to the original op); in train mode
-    attention keys of dropped tokens are masked. Attention whose keys are not the token sequence
+    attention keys of dropped tokens are masked, in a positional attention mixed into the
+    probabilities (ConViT) too. Attention whose keys are not the token sequence
     (spatial reduction) is left alone. The attention marks move to the new calls. Mutates and
     returns ``gm``.
 
@@ -34,7 +37,8 @@ def route_policy(gm: fx.GraphModule, model_map: ModelMap, plan: Plan) -> fx.Grap
     graph = gm.graph
     states = {tags(n)["state_of"]: n for n in graph.nodes if "state_of" in tags(n)}
     for block in model_map.blocks:
-        site = next((s for s in reversed(plan.sites) if s.stage == block.stage and s.block <= block.index), None)
+        stream = model_map.stream_stages(block.stage)  # a site's policy holds to the end of its token stream
+        site = next((s for s in reversed(plan.sites) if s.stage in stream and s.block <= block.index), None)
         if site is None or not block.attn.full_keys:
             continue
         if site.block == block.index and site.placement != "before":
@@ -55,4 +59,14 @@ def route_policy(gm: fx.GraphModule, model_map: ModelMap, plan: Plan) -> fx.Grap
                 new = graph.call_function(masked_probs, (node.args[0], node, state, block.num_prefix))
             node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
         tag(new, block=block.index, role="policy_attention", site=site.index)
+        for i, use in enumerate(model_map.positions):  # positional attention (ConViT): masked alike
+            if use.block != block.index:
+                continue
+            positional = find(graph, "position", i, user="pass route_policy")
+            if _is_softmax(positional):
+                with graph.inserting_after(positional):
+                    args = (positional.args[0], positional, state, block.num_prefix)
+                    masked = graph.call_function(masked_probs, args)
+                positional.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
+                tag(masked, block=block.index, role="policy_attention", site=site.index)
     return gm

@@ -39,7 +39,7 @@ def pad_spatial(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModule:
     for i, grid in enumerate(model_map.to_grid):
         head = heads[i]
         src = head.args[0]  # the current input: insert_sites may have rewired it
-        state = state_before(states, order, grid.stage, src)
+        state = state_before(states, order, model_map.stream_stages(grid.stage), src)
         if state is None:
             continue
         with graph.inserting_before(head):
