@@ -129,3 +129,17 @@ def test_policy_gradcheck():
     assert torch.autograd.gradcheck(attention, (q, k, v, policy))
     scores = (torch.randn(1, 2, 4, 4, dtype=torch.float64) * 2).requires_grad_()
     assert torch.autograd.gradcheck(policy_softmax, (scores, policy))
+
+
+def test_policy_softmax_for_the_first_queries_only():
+    """Queries of the first Nq tokens only (a class token in front, CaiT's class attention): the
+    rows of the full policy softmax for those tokens, each still seeing itself."""
+    torch.manual_seed(4)
+    scores = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    policy = torch.tensor([[1, 0, 1, 1, 0, 0, 1], [0, 1, 1, 0, 1, 1, 0]], dtype=torch.float64)
+    full = policy_softmax(scores, policy)
+    for nq in (1, 3):
+        torch.testing.assert_close(policy_softmax(scores[:, :, :nq], policy), full[:, :, :nq], rtol=0, atol=0)
+    q, k, v = (torch.randn(2, 3, n, 4, dtype=torch.float64) for n in (1, 7, 7))
+    want = policy_softmax((q * 0.5) @ k.transpose(-2, -1), policy) @ v
+    torch.testing.assert_close(policy_attention(q, k, v, policy, 0.5), want, rtol=0, atol=0)

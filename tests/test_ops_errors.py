@@ -257,8 +257,9 @@ CASES = [
         policy_softmax,
         (T(2, 3, 6, 5), torch.ones(2, 6)),
         ValueError,
-        "policy_softmax: `scores` must be square in its last two dims (B, H, N, N), got shape (2, 3, 6, 5)",
-        id="policy-not-square",
+        "policy_softmax: `scores` must have at most as many queries as keys (B, H, Nq, N) with Nq <= N, "
+        "got shape (2, 3, 6, 5)",
+        id="policy-more-queries-than-keys",
     ),
     pytest.param(
         policy_softmax,
@@ -271,7 +272,7 @@ CASES = [
         policy_attention,
         (Q, Q, T(2, 3, 5, 4), torch.ones(2, 6), 0.5),
         ValueError,
-        "policy_attention: `v` must have shape (B, H, N, d_v) matching `q` = (2, 3, 6, 4), got (2, 3, 5, 4)",
+        "policy_attention: `v` must have shape (B, H, N, d_v) matching `k` = (2, 3, 6, 4), got (2, 3, 5, 4)",
         id="policy-attention-v",
     ),
     pytest.param(

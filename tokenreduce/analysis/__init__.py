@@ -17,9 +17,9 @@ from ..errors import TokenReduceError
 from ._found import FoundBlock
 from .attention import find_attention
 from .blocks import find_blocks
-from .constructs import opaque_attention, refusal, unrecognised
+from .constructs import CLASS, construct, opaque_attention, refusal, unrecognised
 from .graph import data_graph, shape_of
-from .model_map import Attention, Block, FromGrid, ModelMap, Position, ToGrid
+from .model_map import Attention, Block, FromGrid, KeyReader, ModelMap, Position, ToGrid
 from .positions import find_positions
 from .spatial import find_spatial
 
@@ -45,6 +45,20 @@ def _positions(gm: fx.GraphModule, found: list[FoundBlock]) -> list:
     image_input = next(n for n in gm.graph.nodes if n.op == "placeholder")
     image = nx.descendants(g, image_input) | {image_input}
     return find_positions(gm.graph, g, image, found)
+
+
+def _key_readers(gm: fx.GraphModule, attentions: list, found: list[FoundBlock], batch: int) -> list:
+    """Attention after the last block whose few queries, the leading tokens of its keys (a class
+    token put in front), read the last block's tokens as keys: CaiT's class attention. (A pooling
+    head's learned query is not a token of the stream: not one of these.)"""
+    g = data_graph(gm.graph)
+    stream = nx.descendants(g, found[-1].exit) | {found[-1].exit}
+    inside = {b.attn.node for b in found}
+    return [
+        a
+        for a in attentions
+        if a.node not in inside and a.q in stream and a.k in stream and construct(a, batch) == CLASS
+    ]
 
 
 def _record(cls: type[R], found: object, **given: object) -> R:
@@ -102,6 +116,10 @@ def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str)
     for i, p in enumerate(_positions(gm, found)):
         mark(p.node, "position", i)
         positions.append(_record(Position, p, node=p.node.name))
+    readers = []
+    for i, a in enumerate(_key_readers(gm, attentions, found, example_shape[0])):
+        mark(a.node, "key_reader", i)
+        readers.append(KeyReader(node=a.node.name, kind=a.record.kind))
     tokens = _final_tokens(found[-1].exit)
     final = shape_of(tokens)
     final_tokens = None
@@ -117,4 +135,5 @@ def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str)
         from_grid=tuple(FromGrid(source=f.source, stage=f.stage) for f in from_grid),
         final_tokens=final_tokens,
         positions=tuple(positions),
+        key_readers=tuple(readers),
     )

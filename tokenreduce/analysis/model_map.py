@@ -101,6 +101,18 @@ class Position:
 
 
 @dataclass(frozen=True)
+class KeyReader:
+    """Attention after the last block whose few queries (the class token, the first of its keys)
+    read the token stream as keys (CaiT's class-attention blocks; graph mark ``("key_reader",
+    i)``): not a block, but in the training form of learned scorers its keys must be masked by
+    the policy too.
+    ``kind`` "sdpa" or "softmax" (the node is the sdpa call or the softmax)."""
+
+    node: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class ModelMap:
     """Everything the planner and the passes need to know about a traced model."""
 
@@ -112,6 +124,7 @@ class ModelMap:
     from_grid: tuple[FromGrid, ...] = field(default=())
     final_tokens: tuple[int, ...] | None = None  # (N, C) of the final tokens before pooling, if found
     positions: tuple[Position, ...] = field(default=())
+    key_readers: tuple[KeyReader, ...] = field(default=())
 
     def block(self, index: int) -> Block:
         return self.blocks[index]

@@ -53,8 +53,10 @@ def cls_attention(q: Tensor, k: Tensor, scale: float, num_prefix: int) -> Tensor
 
 
 def policy_softmax(scores: Tensor, policy: Tensor) -> Tensor:
-    """Softmax over keys that ignores dropped keys: (B, H, N, N), (B, N) -> (B, H, N, N).
+    """Softmax over keys that ignores dropped keys: (B, H, Nq, N), (B, N) -> (B, H, Nq, N).
 
+    ``Nq = N`` for self-attention; ``Nq < N`` when the queries are the first ``Nq`` tokens only
+    (a class token attending to the stream, as in CaiT's class attention): query i is key i.
     With ``p = policy`` (1 alive, 0 dropped), in float32 (float64 for float64 input)::
 
         P_ij = p_j + (1 - p_j) [i == j]          every token always sees itself
@@ -69,10 +71,11 @@ def policy_softmax(scores: Tensor, policy: Tensor) -> Tensor:
     check_tensor(op, "policy", policy, 2, "(B, N)")
     check_float(op, "scores", scores)
     check_float(op, "policy", policy)
-    B, H, N, N2 = scores.shape
-    if N != N2:
+    B, H, Nq, N = scores.shape
+    if Nq > N:
         raise ValueError(
-            f"{op}: `scores` must be square in its last two dims (B, H, N, N), got shape {tuple(scores.shape)}"
+            f"{op}: `scores` must have at most as many queries as keys (B, H, Nq, N) with Nq <= N, "
+            f"got shape {tuple(scores.shape)}"
         )
     check_shape(op, "policy", policy, (B, N), "(B, N)")
 
@@ -81,23 +84,24 @@ def policy_softmax(scores: Tensor, policy: Tensor) -> Tensor:
     work = torch.promote_types(scores.dtype, torch.float32)
     s = scores.to(work)
     p = policy.to(work).reshape(B, 1, 1, N)  # keys along the last dim
-    eye = torch.eye(N, dtype=work, device=scores.device).reshape(1, 1, N, N)
-    visible = p + (1.0 - p) * eye  # (B, 1, N, N)
+    eye = torch.eye(Nq, N, dtype=work, device=scores.device).reshape(1, 1, Nq, N)
+    visible = p + (1.0 - p) * eye  # (B, 1, Nq, N)
     a = (s - s.amax(dim=-1, keepdim=True)).exp() * visible
     out = (a + POLICY_EPS / N) / (a.sum(dim=-1, keepdim=True) + POLICY_EPS)
     return out.to(scores.dtype)
 
 
 def policy_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float) -> Tensor:
-    """Attention with dropped keys masked out: q, k, v (B, H, N, d), policy (B, N) -> (B, H, N, d).
+    """Attention with dropped keys masked out: q (B, H, Nq, d), k, v (B, H, N, d), policy (B, N)
+    -> (B, H, Nq, d); ``Nq = N`` for self-attention, fewer for queries of the first tokens only.
 
     ``policy_softmax((q * scale) @ k^T, policy) @ v``; scaling q first, as timm's Attention does.
     """
     op = "policy_attention"
-    check_tensor(op, "q", q, 4, "(B, H, N, d)")
+    check_tensor(op, "q", q, 4, "(B, H, Nq, d)")
     check_tensor(op, "k", k, 4, "(B, H, N, d)")
     check_tensor(op, "v", v, 4, "(B, H, N, d)")
-    check_shape(op, "k", k, tuple(q.shape), "(B, H, N, d) equal to `q`'s")
-    check_shape(op, "v", v, tuple(q.shape[:3]) + (v.shape[3],), "(B, H, N, d_v) matching `q`")
+    check_shape(op, "k", k, tuple(q.shape[:2]) + (k.shape[2], q.shape[3]), "(B, H, N, d) matching `q`")
+    check_shape(op, "v", v, tuple(k.shape[:3]) + (v.shape[3],), "(B, H, N, d_v) matching `k`")
     attn = policy_softmax((q * scale) @ k.transpose(-2, -1), policy)  # (B, H, N, N)
     return attn @ v  # (B, H, N, d_v)

@@ -9,7 +9,7 @@ from ..analysis.attention import _is_softmax
 from ..anchors import find, move
 from ..plan import Plan
 from ..runtime.attention import attend, masked_probs
-from .infra import graph_pass, require, tag, tags
+from .infra import graph_pass, require, site_states, state_before, tag, tags
 
 __all__ = ["route_policy"]
 
@@ -24,9 +24,9 @@ def route_policy(gm: fx.GraphModule, model_map: ModelMap, plan: Plan) -> fx.Grap
     Expects: :func:`insert_sites` ran on ``gm``. Guarantees: in eval mode the graph computes
     exactly what it did (the wrapped calls fall through to the original op); in train mode
     attention keys of dropped tokens are masked, in a positional attention mixed into the
-    probabilities (ConViT) too. Attention whose keys are not the token sequence
-    (spatial reduction) is left alone. The attention marks move to the new calls. Mutates and
-    returns ``gm``.
+    probabilities (ConViT) and in class attention after the last block (CaiT) too. Attention
+    whose keys are not the token sequence (spatial reduction) is left alone. The attention marks
+    move to the new calls. Mutates and returns ``gm``.
 
     Generated code (sdpa)::
 
@@ -69,4 +69,35 @@ def route_policy(gm: fx.GraphModule, model_map: ModelMap, plan: Plan) -> fx.Grap
                     masked = graph.call_function(masked_probs, args)
                 positional.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
                 tag(masked, block=block.index, role="policy_attention", site=site.index)
+    _route_key_readers(gm, model_map)
     return gm
+
+
+def _route_key_readers(gm: fx.GraphModule, model_map: ModelMap) -> None:
+    """Attention after the last block that reads the tokens as keys (CaiT's class attention,
+    attention pooling) reads the policy of the last site before it, its keys' leading tokens
+    (the class token put in front) always alive."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    states = site_states(graph)
+    stream = model_map.stream_stages(model_map.blocks[-1].stage)
+    for i, reader in enumerate(model_map.key_readers):
+        node = find(graph, "key_reader", i, user="pass route_policy")
+        state = state_before(states, order, stream, node)
+        if state is None:
+            continue
+        if reader.kind == "sdpa":
+            bound = dict(zip(_SDPA_ARGS, node.args))
+            bound.update(node.kwargs)
+            q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
+            with graph.inserting_before(node):
+                new = graph.call_function(attend, (q, k, v, state, None), bound)
+            new.meta.update({key: val for key, val in node.meta.items() if key != "tokenreduce"})
+            move(node, new)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+        else:
+            with graph.inserting_after(node):
+                new = graph.call_function(masked_probs, (node.args[0], node, state, None))
+            node.replace_all_uses_with(new, delete_user_cb=lambda user, n=new: user is not n)
+        tag(new, role="policy_attention", site=tags(state)["state_of"])
