@@ -6,6 +6,7 @@ The description is plain data; the nodes a rewrite needs are marked in the graph
 
 from __future__ import annotations
 
+import operator
 from dataclasses import fields
 from typing import TypeVar
 
@@ -18,12 +19,12 @@ from ._found import FoundBlock
 from .attention import find_attention
 from .blocks import find_blocks
 from .constructs import CLASS, construct, opaque_attention, refusal, unrecognised
-from .graph import data_graph, shape_of
+from .graph import data_args, data_graph, shape_of
 from .model_map import Attention, Block, FromGrid, KeyReader, ModelMap, Position, ToGrid
 from .positions import find_positions
 from .spatial import find_spatial
 
-__all__ = ["analyze", "Attention", "Block", "ModelMap", "Position", "ToGrid", "FromGrid"]
+__all__ = ["analyze", "Attention", "Block", "ModelMap", "Position", "ToGrid", "FromGrid", "KeyReader"]
 
 R = TypeVar("R")
 
@@ -57,8 +58,28 @@ def _key_readers(gm: fx.GraphModule, attentions: list, found: list[FoundBlock], 
     return [
         a
         for a in attentions
-        if a.node not in inside and a.q in stream and a.k in stream and construct(a, batch) == CLASS
+        if a.node not in inside and a.k in stream and construct(a, batch) == CLASS and _leading_query(g, a.q, a.k)
     ]
+
+
+def _leading_query(g, q: fx.Node, k: fx.Node, depth: int = 12) -> bool:
+    """Whether ``q`` is computed from the leading token(s) ``t[:, 0]`` / ``t[:, :m]`` of a tensor
+    ``t`` that ``k`` is computed from (query i is key i), through one-tensor ops (projections,
+    reshapes)."""
+    node = q
+    for _ in range(depth):
+        if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+            index = node.args[1]
+            if isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None):
+                lead = index[1] == 0 or (
+                    isinstance(index[1], slice) and index[1].start in (None, 0) and index[1].step in (None, 1)
+                )
+                return lead and k in nx.descendants(g, node.args[0])
+        inputs = data_args(node)
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
 
 
 def _record(cls: type[R], found: object, **given: object) -> R:

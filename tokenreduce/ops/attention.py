@@ -103,5 +103,9 @@ def policy_attention(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: flo
     check_tensor(op, "v", v, 4, "(B, H, N, d)")
     check_shape(op, "k", k, tuple(q.shape[:2]) + (k.shape[2], q.shape[3]), "(B, H, N, d) matching `q`")
     check_shape(op, "v", v, tuple(k.shape[:3]) + (v.shape[3],), "(B, H, N, d_v) matching `k`")
-    attn = policy_softmax((q * scale) @ k.transpose(-2, -1), policy)  # (B, H, N, N)
-    return attn @ v  # (B, H, N, d_v)
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"{op}: `q` must have at most as many queries as `k` has keys, got {q.shape[2]} and {k.shape[2]}"
+        )
+    attn = policy_softmax((q * scale) @ k.transpose(-2, -1), policy)  # (B, H, Nq, N)
+    return attn @ v  # (B, H, Nq, d_v)

@@ -74,9 +74,9 @@ def route_policy(gm: fx.GraphModule, model_map: ModelMap, plan: Plan) -> fx.Grap
 
 
 def _route_key_readers(gm: fx.GraphModule, model_map: ModelMap) -> None:
-    """Attention after the last block that reads the tokens as keys (CaiT's class attention,
-    attention pooling) reads the policy of the last site before it, its keys' leading tokens
-    (the class token put in front) always alive."""
+    """Attention after the last block whose queries are the leading tokens of its keys (CaiT's
+    class attention: the model map's ``key_readers``) reads the policy of the last site before it,
+    those leading keys (the class token put in front) always alive."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     states = site_states(graph)

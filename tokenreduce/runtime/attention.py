@@ -18,6 +18,11 @@ def _policy(keep: Tensor, num_prefix: int | None, num_keys: int) -> Tensor:
     None: as many prefix tokens as the ``num_keys`` keys hold beyond the n patches (a class token
     put in front of the stream after the last block, as CaiT's class attention does)."""
     P = num_keys - keep.shape[1] if num_prefix is None else num_prefix
+    if P < 0:
+        raise TokenReduceError(
+            f"attend: the attention has {num_keys} keys, fewer than the {keep.shape[1]} tokens its keep "
+            f"policy covers; it does not read the token stream as keys"
+        )
     prefix = keep.new_ones(keep.shape[0], P)
     return torch.cat([prefix, keep[..., 0]], dim=1)
 
@@ -46,7 +51,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, state: TokenState | None, num_prefix
 
 def masked_probs(scores: Tensor, probs: Tensor, state: TokenState | None, num_prefix: int | None) -> Tensor:
     """The model's own softmax ``probs`` unless ``state`` holds a training keep mask; then the
-    policy softmax of the pre-softmax ``scores`` (B, H, N, N)."""
+    policy softmax of the pre-softmax ``scores`` (B, H, Nq, N), Nq <= N."""
     keep = None if state is None else state.keep
     if keep is None:
         return probs
