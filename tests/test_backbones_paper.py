@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import torch.fx
+from counting_compile import counting_compile
 
 import tokenreduce
 import tokenreduce.backbones
@@ -284,14 +285,7 @@ def test_train_mode_runs_and_reaches_the_score_heads(name):
 def test_reduced_model_compiles_to_one_graph(name):
     x = torch.randn(1, 3, 64, 64)
     reduced = tokenreduce.apply(_eval(name), method="dtps", keep_ratio=0.5, example_input=x).eval()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(reduced, fullgraph=True, backend=backend)
+    compiled, graphs = counting_compile(reduced)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), reduced(x))
     assert len(graphs) == 1

@@ -9,6 +9,7 @@ over keys replaced by the authors' policy softmax."""
 import pytest
 import timm
 import torch
+from counting_compile import counting_compile
 
 import tokenreduce
 from tokenreduce import ops
@@ -182,14 +183,7 @@ def test_compiles_fullgraph(method, locs):
     model = _model().float()
     x = torch.randn(2, 3, 64, 64)
     reduced = tokenreduce.apply(model, method=method, locs=locs, keep_ratio=0.5, example_input=x).eval()
-    graphs = []
-
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(reduced, fullgraph=True, backend=backend)
+    compiled, graphs = counting_compile(reduced)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), reduced(x), rtol=1e-5, atol=1e-5)
     assert len(graphs) == 1

@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from counting_compile import counting_compile
 
 import tokenreduce
 import tokenreduce.backbones  # noqa: F401  (registers pvt_* and cvt_* with timm)
@@ -113,14 +114,7 @@ def test_train_mode_runs_and_reaches_the_heads(name):
 def test_compiles_without_graph_breaks(name):
     model = timm.create_model(name).eval()
     reduced = tokenreduce.apply(model, method="dtps").eval()
-    compiles = []
-
-    def backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(reduced, fullgraph=True, backend=backend)
+    compiled, compiles = counting_compile(reduced)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), reduced(x))

@@ -6,6 +6,7 @@ the kept tokens with the tables indexed by hand."""
 import pytest
 import timm
 import torch
+from counting_compile import counting_compile
 
 import tokenreduce
 from tokenreduce.runtime.positions import follow_positions
@@ -227,14 +228,7 @@ def test_compiles_fullgraph(name, kw, method):
     size = kw.get("img_size", 64)
     x = torch.randn(2, 3, size, size)
     reduced = tokenreduce.apply(model, method=method, locs=[1, 2], keep_ratio=0.5, example_input=x).eval()
-    graphs = []
-
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(reduced, fullgraph=True, backend=backend)
+    compiled, graphs = counting_compile(reduced)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), reduced(x), rtol=1e-5, atol=1e-5)
     assert len(graphs) == 1

@@ -99,13 +99,9 @@ def _attention_leaves(model: nn.Module) -> tuple[type, ...]:
     branches on the token count; Twins' LocallyGroupedAttn, on the grid size): a plain trace
     keeps them opaque, so their blocks could not be reduced. Not user-registered leaves."""
     registry, _ = _timm_registry()
-    classes = {type(m) for m in model.modules() if type(m) in registry and type(m) not in _LEAF_MODULES}
-    return tuple(
-        sorted(
-            (c for c in classes if any(holds_attention(m) for m in model.modules() if type(m) is c)),
-            key=lambda c: c.__name__,
-        )
-    )
+    candidates = registry - _LEAF_MODULES
+    classes = {type(m) for m in model.modules() if type(m) in candidates and holds_attention(m)}
+    return tuple(sorted(classes, key=lambda c: c.__name__))
 
 
 class Tracer(ConfinedTracer):
@@ -166,12 +162,12 @@ def _partial_attention(gm: fx.GraphModule, through: tuple[type, ...]) -> list[st
     input (Twins' windows), or none at all (linear attention)."""
     inputs: dict[str, int] = {}
     softmaxes: list[tuple[str, type, tuple[int, ...]]] = []
-    members: dict[str, list[fx.Node]] = {}
+    members: dict[tuple[str, type], list[fx.Node]] = {}
     for node in gm.graph.nodes:  # in graph order: a module's input is the first one its nodes read
         scope = _scope(node, through)
         if scope is not None:
-            members.setdefault(scope[0], []).append(node)
-    for path, nodes in members.items():
+            members.setdefault(scope, []).append(node)
+    for (path, cls), nodes in members.items():
         inside = set(nodes)
         for node in nodes:
             for a in node.all_input_nodes:
@@ -181,11 +177,11 @@ def _partial_attention(gm: fx.GraphModule, through: tuple[type, ...]) -> list[st
             meta = node.meta.get("tensor_meta")
             name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
             if name == "softmax" and hasattr(meta, "shape"):  # (..., queries, keys)
-                softmaxes.append((path, _scope(node, through)[1], tuple(meta.shape)))
+                softmaxes.append((path, cls, tuple(meta.shape)))
             elif name == "scaled_dot_product_attention" and len(node.args) > 1:
                 q, k = (a.meta.get("tensor_meta") for a in node.args[:2])
                 if hasattr(q, "shape") and hasattr(k, "shape"):
-                    softmaxes.append((path, _scope(node, through)[1], (q.shape[-2], k.shape[-2])))
+                    softmaxes.append((path, cls, (q.shape[-2], k.shape[-2])))
     bad = {c.__name__ for path, c, shape in softmaxes if shape[-2:] != (inputs.get(path),) * 2}
     bad |= {c.__name__ for c in through} - {c.__name__ for _, c, _ in softmaxes}  # no softmax attention at all
     return sorted(bad)

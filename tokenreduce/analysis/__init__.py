@@ -41,18 +41,16 @@ def _final_tokens(last_exit: fx.Node) -> fx.Node:
     return node
 
 
-def _positions(gm: fx.GraphModule, found: list[FoundBlock]) -> list:
-    g = data_graph(gm.graph)
+def _positions(gm: fx.GraphModule, g: nx.DiGraph, found: list[FoundBlock]) -> list:
     image_input = next(n for n in gm.graph.nodes if n.op == "placeholder")
     image = nx.descendants(g, image_input) | {image_input}
     return find_positions(gm.graph, g, image, found)
 
 
-def _key_readers(gm: fx.GraphModule, attentions: list, found: list[FoundBlock], batch: int) -> list:
+def _key_readers(g: nx.DiGraph, attentions: list, found: list[FoundBlock], batch: int) -> list:
     """Attention after the last block whose few queries, the leading tokens of its keys (a class
     token put in front), read the last block's tokens as keys: CaiT's class attention. (A pooling
     head's learned query is not a token of the stream: not one of these.)"""
-    g = data_graph(gm.graph)
     stream = nx.descendants(g, found[-1].exit) | {found[-1].exit}
     inside = {b.attn.node for b in found}
     return [
@@ -62,7 +60,7 @@ def _key_readers(gm: fx.GraphModule, attentions: list, found: list[FoundBlock], 
     ]
 
 
-def _leading_query(g, q: fx.Node, k: fx.Node, depth: int = 12) -> bool:
+def _leading_query(g: nx.DiGraph, q: fx.Node, k: fx.Node, depth: int = 12) -> bool:
     """Whether ``q`` is computed from the leading token(s) ``t[:, 0]`` / ``t[:, :m]`` of a tensor
     ``t`` that ``k`` is computed from (query i is key i), through one-tensor ops (projections,
     reshapes)."""
@@ -133,12 +131,13 @@ def analyze(gm: fx.GraphModule, example_shape: tuple[int, ...], model_name: str)
         mark(t.head, "to_grid", i)
     for i, f in enumerate(from_grid):
         mark(f.node, "from_grid", i)
+    g = data_graph(gm.graph)  # tensor data edges, for positions and key readers
     positions = []
-    for i, p in enumerate(_positions(gm, found)):
+    for i, p in enumerate(_positions(gm, g, found)):
         mark(p.node, "position", i)
         positions.append(_record(Position, p, node=p.node.name))
     readers = []
-    for i, a in enumerate(_key_readers(gm, attentions, found, example_shape[0])):
+    for i, a in enumerate(_key_readers(g, attentions, found, example_shape[0])):
         mark(a.node, "key_reader", i)
         readers.append(KeyReader(node=a.node.name, kind=a.record.kind))
     tokens = _final_tokens(found[-1].exit)

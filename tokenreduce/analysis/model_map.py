@@ -88,7 +88,9 @@ class Position:
     token axes in the image operand's ``rank``; ``with_prefix`` when those axes cover the prefix
     tokens too; ``additive`` for a bias, False for a factor (rotary); ``fill`` the row a token
     without position (EViT's fused token) takes: None for the mean row/column, else this value
-    (1 for ``cos``, 0 for the ``sin`` of a rotated copy: no rotation)."""
+    (1 for ``cos``, 0 for the ``sin`` of a rotated copy: no rotation); ``masked`` when ``node`` is
+    a positional softmax mixed into the attention's probabilities (ConViT), which the training
+    policy masks as it masks the attention."""
 
     block: int
     node: str
@@ -98,6 +100,7 @@ class Position:
     with_prefix: bool
     additive: bool
     fill: float | None = None
+    masked: bool = False
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,11 @@ class FoundPosition:
     ``with_prefix`` when the token axis includes the P prefix rows; ``additive`` for a bias
     (added), False for a factor (rotary tables); ``fill`` the row of a token with no position (an
     appended one): None for the table's mean (a bias), 1.0 for a factor, 0.0 for a factor of a
-    rotated copy of q/k (``rot(q) * sin``), so that such a token is not rotated."""
+    rotated copy of q/k (``rot(q) * sin``), so that such a token is not rotated; ``masked`` when
+    ``node`` is a positional softmax whose probabilities are mixed into the attention's (ConViT),
+    which the training policy masks too."""
 
-    __slots__ = ("block", "node", "where", "axes", "rank", "with_prefix", "additive", "fill")
+    __slots__ = ("block", "node", "where", "axes", "rank", "with_prefix", "additive", "fill", "masked")
 
     def __init__(
         self,
@@ -71,9 +73,11 @@ class FoundPosition:
         with_prefix: bool,
         additive: bool,
         fill: float | None = None,
+        masked: bool = False,
     ) -> None:
         self.block, self.node, self.where, self.axes = block, node, where, axes
         self.rank, self.with_prefix, self.additive, self.fill = rank, with_prefix, additive, fill
+        self.masked = masked
 
 
 def _binary(node: fx.Node) -> bool:
@@ -175,8 +179,8 @@ def find_positions(
                     continue
                 positional = _positional_softmax(table) if node in probs else None
                 if positional is not None:  # positional attention: its logits follow the tokens
-                    logits = shape_of(positional.args[0])
-                    use = _use(b, positional, 0, logits, shape_of(other), True, heads, lengths, P, 4, additive=True)
+                    logits, image_shape = shape_of(positional.args[0]), shape_of(other)
+                    use = _use(b, positional, 0, logits, image_shape, True, heads, lengths, P, 4, True, masked=True)
                     if use is not None:
                         found.append(use)
                     continue
@@ -212,6 +216,7 @@ def _use(
     rank: int,
     additive: bool,
     fill: float | None = None,
+    masked: bool = False,
 ) -> FoundPosition | None:
     axes = tuple(
         a for a in _token_axes(other, logit, heads, lengths) if _aligned(table, rank, a) == other[a] and other[a] > 1
@@ -227,4 +232,5 @@ def _use(
         with_prefix=other[axes[0]] == b.num_tokens and P > 0,
         additive=additive,
         fill=fill,
+        masked=masked,
     )

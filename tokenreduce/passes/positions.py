@@ -44,13 +44,14 @@ def gather_positions(gm: fx.GraphModule, model_map: ModelMap) -> fx.GraphModule:
     """Index every position-indexed tensor that meets attention after a site by ``state.pos``.
 
     Expects: :func:`insert_sites` ran (site states tagged ``state_of``/``stage``). Guarantees:
-    each table read after the first site of its stage is replaced by
-    ``follow_positions(table, state, ...)`` with the last state of that stage before the reading
-    node; reads before any site are untouched. Reads of that table's shape inside the same block
-    (``sin.shape`` sizing a split of q, as in DINOv3) read the gathered table too, which is then
-    inserted before the first of them. A bias comes out (B, H, k, k) with aligned rows (see
-    ``follow_positions``). A token a reducer appends (EViT) takes the mean row/column of a bias
-    and no rotation from a rotary table (``fill``: cos 1, sin 0). Mutates ``gm``.
+    each table read after the first site of its token stream (its stage and the stages it carries
+    on from) is replaced by ``follow_positions(table, state, ...)`` with the last state of that
+    stream before the reading node; reads before any site are untouched. Reads of that table's
+    shape inside the same block (``sin.shape`` sizing a split of q, as in DINOv3) read the
+    gathered table too, which is then inserted before the first of them. A bias comes out
+    (B, H, k, k) with aligned rows (see ``follow_positions``). A token a reducer appends (EViT)
+    takes the mean row/column of a bias and no rotation from a rotary table (``fill``: cos 1,
+    sin 0). Mutates ``gm``.
     """
     require(gm, "gather_positions", "insert_sites")
     graph = gm.graph

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..analysis import ModelMap
-from ..analysis.attention import _is_softmax
 from ..anchors import find, move
 from ..plan import Plan
 from ..runtime.attention import attend, masked_probs
@@ -44,33 +43,35 @@ def route_policy(gm: fx.GraphModule, model_map: ModelMap, plan: Plan) -> fx.Grap
         if site.block == block.index and site.placement != "before":
             continue
         state, node = states[site.index], find(graph, "attn", block.index, user="pass route_policy")
-        if block.attn.kind == "sdpa":
-            bound = dict(zip(_SDPA_ARGS, node.args))
-            bound.update(node.kwargs)
-            q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
-            with graph.inserting_before(node):
-                new = graph.call_function(attend, (q, k, v, state, block.num_prefix), bound)
-            new.meta.update({key: val for key, val in node.meta.items() if key != "tokenreduce"})
-            move(node, new)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-        else:
-            with graph.inserting_after(node):
-                new = graph.call_function(masked_probs, (node.args[0], node, state, block.num_prefix))
-            node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        new = _reroute(graph, node, block.attn.kind, state, block.num_prefix)
         tag(new, block=block.index, role="policy_attention", site=site.index)
         for i, use in enumerate(model_map.positions):  # positional attention (ConViT): masked alike
-            if use.block != block.index:
-                continue
-            positional = find(graph, "position", i, user="pass route_policy")
-            if _is_softmax(positional):
-                with graph.inserting_after(positional):
-                    args = (positional.args[0], positional, state, block.num_prefix)
-                    masked = graph.call_function(masked_probs, args)
-                positional.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
-                tag(masked, block=block.index, role="policy_attention", site=site.index)
+            if use.block == block.index and use.masked:
+                positional = find(graph, "position", i, user="pass route_policy")
+                new = _reroute(graph, positional, "softmax", state, block.num_prefix)
+                tag(new, block=block.index, role="policy_attention", site=site.index)
     _route_key_readers(gm, model_map)
     return gm
+
+
+def _reroute(graph: fx.Graph, node: fx.Node, kind: str, state: fx.Node, num_prefix: int | None) -> fx.Node:
+    """Make attention ``node`` read the keep policy of ``state``: an sdpa call becomes ``attend``
+    (marks and meta move to it), a softmax gets ``masked_probs`` after it. Returns the new node."""
+    if kind == "sdpa":
+        bound = dict(zip(_SDPA_ARGS, node.args))
+        bound.update(node.kwargs)
+        q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
+        with graph.inserting_before(node):
+            new = graph.call_function(attend, (q, k, v, state, num_prefix), bound)
+        new.meta.update({key: val for key, val in node.meta.items() if key != "tokenreduce"})
+        move(node, new)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return new
+    with graph.inserting_after(node):
+        new = graph.call_function(masked_probs, (node.args[0], node, state, num_prefix))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    return new
 
 
 def _route_key_readers(gm: fx.GraphModule, model_map: ModelMap) -> None:
@@ -86,18 +87,5 @@ def _route_key_readers(gm: fx.GraphModule, model_map: ModelMap) -> None:
         state = state_before(states, order, stream, node)
         if state is None:
             continue
-        if reader.kind == "sdpa":
-            bound = dict(zip(_SDPA_ARGS, node.args))
-            bound.update(node.kwargs)
-            q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
-            with graph.inserting_before(node):
-                new = graph.call_function(attend, (q, k, v, state, None), bound)
-            new.meta.update({key: val for key, val in node.meta.items() if key != "tokenreduce"})
-            move(node, new)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-        else:
-            with graph.inserting_after(node):
-                new = graph.call_function(masked_probs, (node.args[0], node, state, None))
-            node.replace_all_uses_with(new, delete_user_cb=lambda user, n=new: user is not n)
+        new = _reroute(graph, node, reader.kind, state, None)  # prefix keys counted at run time
         tag(new, role="policy_attention", site=tags(state)["state_of"])
